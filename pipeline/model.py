@@ -1,0 +1,454 @@
+"""The GPT backbone that every stage shares: the model, its KV cache, a scalar head, and the sampler.
+
+Decoder-only, pre-norm transformer. Choices that the export to `transformers` relies on are config
+fields: learned positions + LayerNorm + GELU MLP (GPT-2 style), or rotary positions + RMSNorm +
+SwiGLU MLP (Llama style). Attention goes through `scaled_dot_product_attention`, which picks flash
+kernels on a GPU. Shapes in comments: B batch, T time, C channels, nh heads, nkv key/value heads,
+hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096  # rows of the embedding; the tokenizer's size rounded up to a multiple of 64
+    block_size: int = 256  # the longest sequence (prompt + response) the model is trained on
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int | None = None  # key/value heads; fewer than n_head = grouped-query attention
+    n_embd: int = 128  # width of the residual stream
+    mlp_ratio: float = 4.0  # hidden width of the MLP over n_embd (SwiGLU uses 2/3 of it, as Llama does)
+    dropout: float = 0.0  # on attention weights and residual branches; RL turns it off
+    bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 has them)
+    pos_emb: str = "rope"  # "rope" (rotary) or "learned" (absolute, GPT-2)
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+    mlp: str = "swiglu"  # "swiglu" or "gelu"
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        checks = [
+            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
+            (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}"),
+            (self.pos_emb in ("rope", "learned"), f"pos_emb must be 'rope' or 'learned', not {self.pos_emb!r}"),
+            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', not {self.norm!r}"),
+            (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', not {self.mlp!r}"),
+            (self.pos_emb != "rope" or (self.n_embd // self.n_head) % 2 == 0, "rotary positions need an even head size"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"model config: {message}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":  # three matrices instead of two: keep the parameter count comparable
+            hidden = 64 * math.ceil(2 * hidden / 3 / 64)
+        return hidden
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+def pad_vocab(size: int, multiple: int = 64) -> int:
+    """Round a tokenizer's size up so that the embedding matmuls hit fast kernel shapes."""
+    return multiple * math.ceil(size / multiple)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rotary_tables(config: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (length, hs/2)."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of x (B, nh, T, hs) by the angles cos/sin (B, 1, T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation and filled in place.
+
+    Prefill writes the prompt's keys once; each decode step appends one position. `pos` counts the
+    positions written so far and advances after the last layer has stored its keys.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at the current position; return everything cached so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.pos += steps
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_size, bias=config.bias)
+        self.kv_proj = nn.Linear(config.n_embd, 2 * config.n_kv_head * config.head_size, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, mask, kv_cache: KVCache | None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_size).permute(2, 0, 3, 1, 4)  # 2 x (B, nkv, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.store(self.layer, k, v)  # (B, nkv, T_cached, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and kv_cache is None,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        self.up_proj = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so exported weights give equal logits
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary, mask, kv_cache):
+        x = x + self.attn(self.norm_1(x), rotary, mask, kv_cache)
+        return x + self.mlp(self.norm_2(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, query_len: int, past_len: int) -> torch.Tensor:
+    """Boolean (B, 1, T, past+T) mask: causal, hides padding keys, and always lets a query see itself.
+
+    attention_mask (B, past+T) is 1 for real tokens and 0 for padding. Letting every position see
+    itself keeps padded queries (whose outputs nobody reads) from a softmax over nothing, which would
+    give NaN and poison the batch.
+    """
+    total = past_len + query_len
+    device = attention_mask.device
+    query_pos = torch.arange(past_len, total, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(total, device=device)[None, :]  # (1, past+T)
+    causal = key_pos <= query_pos  # (T, past+T)
+    keys = attention_mask[:, None, None, :total].bool()  # (B, 1, 1, past+T)
+    return (causal & keys) | (key_pos == query_pos)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, so left padding shifts nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_emb == "rope":
+            # Non-persistent: recomputed, so checkpoints stay small and a longer table costs nothing to load.
+            cos, sin = rotary_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink the last projection
+        # of each by 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counting tied weights once; without position embeddings by default (as FLOP counts do)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C) of token ids idx (B, T).
+
+        attention_mask (B, past+T), 1 for real tokens, is needed only with padding; with a KV cache it
+        covers the cached positions too. Without a mask and without a cache attention is plain causal
+        (the flash path).
+        """
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if past + T > limit or past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's context (block_size={self.config.block_size})"
+            )
+        if attention_mask is not None:
+            positions = positions_from_mask(attention_mask)[:, past : past + T]  # (B, T)
+            mask = attention_mask_4d(attention_mask, T, past)
+        else:
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            # A single new token attends to everything cached; a longer chunk after a cache needs an explicit causal mask.
+            mask = None if (kv_cache is None or T == 1) else attention_mask_4d(idx.new_ones(B, past + T), T, past)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            rotary = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # 2 x (B, 1, T, hs/2)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rotary, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm_f(x)
+
+    def forward(self, idx, attention_mask=None, kv_cache=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx, attention_mask, kv_cache))  # (B, T, V)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12*L*H*hs*T for attention."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_size * seq_len
+
+
+class ScalarGPT(GPT):
+    """The same backbone with a scalar head: a reward model or a value model.
+
+    forward returns one value per position (B, T); a reward model reads it at the last real token.
+    The language-model head stays (tied, so it costs no parameters) so that weights load both ways.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.score_head = nn.Linear(config.n_embd, 1, bias=True)
+        nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, idx, attention_mask=None, kv_cache=None) -> torch.Tensor:
+        return self.score_head(self.hidden_states(idx, attention_mask, kv_cache)).squeeze(-1)  # (B, T)
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norm gains (1-D) stay undecayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of each row's last real token, for right- or left-padded rows."""
+    T = attention_mask.size(1)
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature); logits (B, T, V), tokens (B, T) -> (B, T).
+
+    Computed in float32 with logsumexp rather than a full log_softmax so that no (B, T, V) tensor of
+    log-probabilities is materialised.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) generated ids, pad after the stop token
+    logprobs: torch.Tensor  # (B, N) log-prob of each under softmax(logits / temperature); 0 on padding
+    mask: torch.Tensor  # (B, N) 1 up to and including the stop token
+    finished: torch.Tensor  # (B,) True where the response ended with the stop token
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf. logits (B, V)."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample continuations of a batch of left-padded prompts with a KV cache.
+
+    input_ids (B, T) are prompts padded on the LEFT (so every row's last column is a real token);
+    attention_mask (B, T) marks real tokens. temperature 0 is greedy. Rows stop at eos_id, which is
+    kept as the last real token; later positions hold pad_id. The returned log-probs are under the
+    temperature-scaled full distribution (before top-k/top-p), the quantity PPO recomputes.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate() needs left-padded prompts: the last column must be a real token in every row")
+    max_new_tokens = min(max_new_tokens, model.config.block_size - T)
+    if max_new_tokens <= 0:
+        raise ValueError(f"prompt of {T} tokens leaves no room to generate within block_size={model.config.block_size}")
+    was_training = model.training
+    model.eval()
+    cache = model.new_kv_cache(B, T + max_new_tokens)
+    mask = torch.cat([attention_mask, attention_mask.new_zeros(B, max_new_tokens)], dim=1)  # (B, T+N)
+    tokens = input_ids.new_full((B, max_new_tokens), pad_id)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    logits = model(input_ids, attention_mask=mask[:, :T], kv_cache=cache)[:, -1]  # prefill: (B, V)
+    steps = 0
+    for i in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1)
+            step_logprobs = torch.log_softmax(logits, dim=-1)
+        else:
+            scaled = logits / temperature
+            step_logprobs = torch.log_softmax(scaled, dim=-1)
+            probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        next_token = torch.where(alive, next_token, pad_id)
+        tokens[:, i] = next_token
+        logprobs[:, i] = torch.where(alive, step_logprobs.gather(-1, next_token[:, None]).squeeze(-1), 0.0)
+        mask[:, T + i] = alive.to(mask.dtype)
+        steps = i + 1
+        if eos_id is not None:
+            alive = alive & (next_token != eos_id)
+            if not bool(alive.any()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = model(next_token[:, None], attention_mask=mask[:, : T + i + 1], kv_cache=cache)[:, -1]
+    model.train(was_training)
+    response_mask = mask[:, T : T + steps]
+    finished = (tokens[:, :steps] == eos_id).any(dim=1) if eos_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    return Generation(tokens[:, :steps], logprobs[:, :steps], response_mask, finished)
