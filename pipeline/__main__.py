@@ -1,0 +1,95 @@
+"""Entry point: `python -m pipeline [stage=NAME] [overrides...]`.
+
+Without `stage=` it runs the whole pipeline (pretrain -> sft -> reward -> ppo); each stage runs as
+its own process and run directory, starting from the one before. The return value is the stage's
+objective (for Hydra sweepers such as Optuna).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import runs
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline")
+
+# Registered before Hydra composes anything: conf/hydra/default.yaml names run directories with it.
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", runs.run_name)
+
+
+def objective(cfg: DictConfig, metrics: dict) -> float | None:
+    key = cfg.get("objective")
+    if key and key in metrics:
+        return float(metrics[key])
+    return None
+
+
+def run_stage(cfg: DictConfig) -> float | None:
+    run_dir = Path(cfg.paths.run_dir)
+    if runs.is_finished(run_dir):
+        if not cfg.rerun:
+            metrics = runs.read_json(run_dir / runs.METRICS_FILE)
+            log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
+            return objective(cfg, metrics)
+        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    stage = importlib.import_module(f"pipeline.{cfg.stage}")
+    metrics = stage.run(cfg, run_dir)
+    return objective(cfg, metrics)
+
+
+def run_all(cfg: DictConfig) -> None:
+    """Every stage in order, each a child process with the same overrides, chained by init_from.
+
+    A stage's directory is <root>/<stage>/<this pipeline run's name>, so rerunning the same command
+    skips the finished stages and resumes the interrupted one.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "init_from=", "reward_from="))]
+    name = Path(cfg.paths.run_dir).name
+    root = Path(cfg.paths.root)
+    previous = cfg.init_from
+    env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
+    for stage in cfg.stages:
+        stage_dir = root / stage / name
+        command = [sys.executable, "-m", "pipeline", f"stage={stage}", *passed, f"hydra.run.dir={stage_dir}"]
+        if stage == "ppo":  # the policy starts from SFT; the reward model comes from the reward stage
+            command += [f"init_from={root / 'sft' / name}", f"reward_from={root / 'reward' / name}"]
+        elif stage != "pretrain" and previous:
+            command.append(f"init_from={previous}")
+        log.info("pipeline: %s", " ".join(command[2:]))
+        result = subprocess.run(command, env=env)
+        if result.returncode != 0:
+            raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
+        previous = stage_dir
+    log.info("pipeline finished: runs under %s/*/%s", root, name)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        if cfg.stage == "all":
+            return run_all(cfg)
+        return run_stage(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Stage 3, the reward model: the SFT backbone with a scalar head, trained on preference pairs.
+
+    python -m pipeline stage=reward                               # embedded pairs, newest SFT run
+    python -m pipeline stage=reward data.path=prefs.jsonl init_from=outputs/sft/default
+
+Takes TRL's preference formats: explicit prompt (`prompt`, `chosen`, `rejected`) or implicit prompt
+(`chosen`, `rejected` holding the whole exchange), standard or conversational. The loss is
+Bradley-Terry, -log sigmoid(r_chosen - r_rejected - margin), plus an optional centring term
+coef * (r_chosen + r_rejected)^2; the score is read at the last real token. After training the
+scores are normalised so that reference responses score mean 0; the mean and standard deviation
+travel with the model (model.pt `extra`) for PPO.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+
+from pipeline import data as data_lib
+from pipeline import runs
+from pipeline.errors import UserError
+from pipeline.evaluate import left_pad, prompt_ids
+from pipeline.model import GPTConfig, ScalarGPT, last_token_index
+from pipeline.sft import encode_ids, render
+from pipeline.training import Throughput, adamw_with_schedule, build_trainer, finish, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def sequence_ids(tokenizer, prompt, response, conversational: bool) -> list[int]:
+    """Ids of prompt + response as the policy would produce them, ending with EOS."""
+    if conversational:
+        return encode_ids(tokenizer, render(tokenizer, list(prompt or []) + list(response)))
+    return [tokenizer.bos_token_id] + encode_ids(tokenizer, (prompt or "") + response) + [tokenizer.eos_token_id]
+
+
+def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: str):
+    """Tokenise chosen and rejected sequences; keep a margin and the gold ordering where the data has them."""
+    has_margin = "margin" in ds.column_names
+    has_gold = {"chosen_gold", "rejected_gold"} <= set(ds.column_names)
+
+    def encode(row, index):
+        prompt = row["prompt"] if not fmt.implicit_prompt else None
+        chosen = sequence_ids(tokenizer, prompt, row["chosen"], fmt.conversational)
+        rejected = sequence_ids(tokenizer, prompt, row["rejected"], fmt.conversational)
+        if prompt is not None:
+            prompt_len = len(prompt_ids(tokenizer, prompt))
+            if prompt_len >= max_len:
+                raise UserError(f"{source}: row {index} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
+        gold = 0.0
+        if has_gold:
+            gold = float((row["chosen_gold"] > row["rejected_gold"]) - (row["chosen_gold"] < row["rejected_gold"]))
+        return {
+            "chosen_ids": chosen[:max_len],
+            "rejected_ids": rejected[:max_len],
+            "margin": float(row["margin"]) if has_margin else 0.0,
+            "gold_sign": gold,  # +1 the label agrees with the noise-free judge, -1 it disagrees, 0 a tie / unknown
+        }
+
+    return ds.map(encode, with_indices=True, remove_columns=ds.column_names, desc="tokenising pairs")
+
+
+class PairCollator:
+    """Chosen rows then rejected rows in one right-padded (2B, T) batch, so one forward scores both."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.as_tensor(s)
+            mask[i, : len(s)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "margin": torch.tensor([r["margin"] for r in rows], dtype=torch.float32),
+            "gold_sign": torch.tensor([r["gold_sign"] for r in rows], dtype=torch.float32),
+        }
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood of the preferred response, with optional margin and centring."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+class RewardModule(pl.LightningModule):
+    def __init__(self, model_config: dict, optim: dict, max_steps: int, center_coef: float = 0.0, use_margin: bool = True, model_kind: str = "scalar"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ScalarGPT(GPTConfig.from_dict(model_config))
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "accuracy_gold")})
+
+    def scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward of chosen (B,) and rejected (B,) at each sequence's last real token."""
+        values = self.model(batch["input_ids"])  # (2B, T); right padding: causal attention needs no mask
+        last = last_token_index(batch["attention_mask"])
+        rewards = values.gather(1, last[:, None]).squeeze(1).float()
+        return rewards.chunk(2)
+
+    def training_step(self, batch, batch_idx):
+        chosen, rejected = self.scores(batch)
+        loss = pairwise_loss(chosen, rejected, batch["margin"] if self.hparams.use_margin else None, self.hparams.center_coef)
+        self.log_dict({"train/loss": loss, "train/accuracy": (chosen > rejected).float().mean()}, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        chosen, rejected = self.scores(batch)
+        m = self.val_metrics
+        m["loss"].update(pairwise_loss(chosen, rejected, batch["margin"] if self.hparams.use_margin else None, self.hparams.center_coef))
+        m["accuracy"].update((chosen > rejected).float())
+        m["chosen_reward"].update(chosen)
+        m["rejected_reward"].update(rejected)
+        m["margin"].update(chosen - rejected)
+        gold = batch["gold_sign"]
+        known = gold != 0
+        if known.any():
+            # Agreement with the noise-free judge: the RM ranks the gold-better response higher.
+            m["accuracy_gold"].update(((chosen - rejected) * gold > 0).float()[known])
+
+    def on_validation_epoch_end(self):
+        out = {}
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                out[f"val/{name}"] = metric.compute()
+            metric.reset()
+        self.log_dict(out, prog_bar=True)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)
+
+
+class PairData(pl.LightningDataModule):
+    def __init__(self, train, val, batch_size: int, pad_id: int, num_workers: int = 0):
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.collate = PairCollator(pad_id)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+
+
+@torch.no_grad()
+def score_sequences(model: ScalarGPT, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Raw reward of each full sequence at its last real token (sequences padded on the left)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = left_pad(sequences[start : start + batch_size], pad_id, device)
+        out.append(model(ids, attention_mask=mask)[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def reference_sequences(cfg: DictConfig, tokenizer, pairs_val, fmt, max_len: int) -> tuple[list[list[int]], str]:
+    """Sequences whose mean score becomes the RM's zero: reference answers of the embedded task, else chosen responses."""
+    if not cfg.data.path:
+        sft_val = data_lib.load_data(str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "sft")))["validation"]
+        seqs = [encode_ids(tokenizer, render(tokenizer, row["messages"]))[:max_len] for row in sft_val]
+        return seqs, "embedded task reference answers (sft validation)"
+    return [list(s) for s in pairs_val["chosen_ids"]], "chosen responses of the validation split"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    base, tokenizer, payload, start_path = runs.load_start(cfg.init_from, "reward", Path(cfg.paths.root), cls=ScalarGPT, dropout=cfg.model.dropout)
+    source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "preference"))
+    columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
+    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    fmt = data_lib.require_format(ds["train"], {"preference"}, "reward", source)
+    for split in ds:
+        data_lib.validate_rows(ds[split], fmt, f"{source} [{split}]")
+    max_len = base.config.block_size
+    pairs = {split: encode_pairs(ds[split], tokenizer, fmt, max_len, f"{source} [{split}]") for split in ds}
+    log.info("reward: %s, %d train pairs, starting from %s", source, len(pairs["train"]), start_path)
+
+    module = RewardModule(
+        model_config=base.config.to_dict(),
+        optim=OmegaConf.to_container(cfg.model, resolve=True),
+        max_steps=cfg.trainer.max_steps,
+        center_coef=cfg.reward.center_coef,
+        use_margin=cfg.reward.use_margin,
+    )
+    module.model.load_state_dict(base.state_dict())
+    seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
+    throughput = Throughput(module.model.flops_per_token(seq_len))
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput])
+    datamodule = PairData(pairs["train"], pairs["validation"], cfg.data.batch_size, tokenizer.pad_token_id, cfg.data.num_workers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+
+    best = checkpoint.best_model_path
+    if best and Path(best).is_file():
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    held_out = "test" if "test" in pairs else "validation"
+    test = trainer.validate(module, dataloaders=DataLoader(pairs[held_out], batch_size=cfg.data.batch_size, collate_fn=PairCollator(tokenizer.pad_token_id)), verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
+    module.model.to(module.device)
+    refs, ref_name = reference_sequences(cfg, tokenizer, pairs["validation"], fmt, max_len)
+    ref_scores = score_sequences(module.model, refs, tokenizer.pad_token_id)
+    normaliser = {"reward_mean": float(ref_scores.mean()), "reward_std": float(ref_scores.std().clamp_min(1e-6)), "reference": ref_name}
+    metrics = {
+        "stage": "reward",
+        "data": source,
+        "init_from": str(start_path),
+        "val/accuracy": final["val/accuracy"],
+        f"{held_out}/accuracy": test["val/accuracy"],
+        f"{held_out}/chosen_reward": test["val/chosen_reward"],
+        f"{held_out}/rejected_reward": test["val/rejected_reward"],
+        f"{held_out}/margin": test["val/margin"],
+        "train/steps": trainer.global_step,
+        "train/pairs": len(pairs["train"]),
+        **{f"normalise/{k}": v for k, v in normaliser.items() if k != "reference"},
+        "time/total_s": time.time() - started,
+        **throughput.figures(trainer),
+    }
+    if "val/accuracy_gold" in test:
+        metrics[f"{held_out}/accuracy_gold"] = test["val/accuracy_gold"]
+    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="scalar", stage="reward", extra=normaliser)
+    return metrics

@@ -1,0 +1,194 @@
+"""Run directories, lineage between stages, and the model files that pass from one stage to the next.
+
+Layout of one stage run (Hydra creates the directory, named after the command-line overrides):
+
+    outputs/<stage>/<run name>/
+        .hydra/            the composed config and the overrides
+        checkpoints/       Lightning checkpoints: last.ckpt (resume) and best.ckpt
+        tokenizer/         the tokenizer the model was trained with
+        model.pt           the finished model: config + weights (+ extra such as reward normalisation)
+        metrics.json       the stage's final figures; its presence marks the run as finished
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model import GPT, GPTConfig, ScalarGPT
+
+STAGES = ("pretrain", "sft", "reward", "ppo")
+PREVIOUS_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.pt"
+TOKENIZER_DIR = "tokenizer"
+
+
+def run_name(override_dirname: str) -> str:
+    """Directory name for a run: 'default' without overrides, else the overrides made path-safe.
+
+    Long names, or names holding path separators (data.path=/some/file), keep a readable prefix and
+    gain a hash of the whole, so two different commands never share a directory.
+    """
+    if not override_dirname:
+        return "default"
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname)
+    if len(safe) <= 80 and safe == override_dirname:
+        return safe
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return f"{safe[:60]}-{digest}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same directory and rename: a kill leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / METRICS_FILE).is_file() and (Path(run_dir) / MODEL_FILE).is_file()
+
+
+def newest_finished_run(root: Path, stage: str) -> Path | None:
+    """The most recently finished run of a stage under root, judged by the time metrics.json was written."""
+    stage_dir = Path(root) / stage
+    if not stage_dir.is_dir():
+        return None
+    finished = [d for d in stage_dir.iterdir() if d.is_dir() and is_finished(d)]
+    return max(finished, key=lambda d: (d / METRICS_FILE).stat().st_mtime, default=None)
+
+
+def resolve_init_from(init_from: str | None, stage: str, root: Path) -> Path:
+    """The model file a stage starts from: init_from if given, else the newest finished previous-stage run."""
+    if init_from:
+        return model_file(Path(init_from))
+    previous = PREVIOUS_STAGE[stage]
+    run = newest_finished_run(root, previous)
+    if run is None:
+        raise UserError(
+            f"stage '{stage}' starts from a finished '{previous}' run, and {Path(root) / previous} holds none: "
+            f"run `python -m pipeline stage={previous}` first, or pass init_from=PATH"
+        )
+    return run / MODEL_FILE
+
+
+def model_file(path: Path) -> Path:
+    """Accept a run directory, a model.pt or a Lightning .ckpt and return the file to load."""
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        raise UserError(f"init_from={path} is a directory without {MODEL_FILE}: is it a finished stage run?")
+    if not path.is_file():
+        raise UserError(f"init_from={path}: no such file or directory")
+    return path
+
+
+def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None) -> None:
+    """Write a finished model (config + weights, float32 for portability) atomically."""
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    payload = {"config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
+    buffer = _to_bytes(payload)
+    atomic_write_bytes(Path(path), buffer)
+
+
+def _to_bytes(obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_model_payload(path: Path) -> dict:
+    """Read a model.pt, or the weights inside a Lightning checkpoint of one of our stages."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise UserError(f"cannot read model file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(payload, dict) and "config" in payload and "state_dict" in payload:
+        return payload
+    if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
+        hp = payload["hyper_parameters"]
+        if "model_config" not in hp:
+            raise UserError(f"{path} is a Lightning checkpoint without a model_config hyper-parameter")
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+        return {"config": hp["model_config"], "state_dict": state, "kind": hp.get("model_kind", "lm"), "extra": {}}
+    raise UserError(f"{path} is neither a model.pt of this pipeline nor a Lightning checkpoint of one of its stages")
+
+
+def build_model(payload: dict, cls: type[GPT] = GPT, source: Path | str = "", **config_updates) -> GPT:
+    """Instantiate cls from a payload and load its weights; a head the file lacks (a new score head) stays initialised."""
+    config = GPTConfig.from_dict({**payload["config"], **config_updates})
+    model = cls(config)
+    load_weights(model, payload["state_dict"], source, allow_missing=("score_head.",))
+    return model
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_missing: tuple[str, ...] = ()) -> None:
+    """load_state_dict with a message that names the mismatched keys and shapes instead of torch's wall of text."""
+    own = model.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    # A ScalarGPT file loaded into a plain GPT carries a score head that the language model does not use.
+    unexpected = [k for k in state if k not in own and not k.startswith("score_head.")]
+    if mismatched or missing or unexpected:
+        details = "; ".join(
+            part
+            for part in (
+                f"shape mismatch {mismatched[:4]}" if mismatched else "",
+                f"missing {missing[:4]}" if missing else "",
+                f"unexpected {unexpected[:4]}" if unexpected else "",
+            )
+            if part
+        )
+        raise UserError(f"the weights in {source} do not fit the model architecture ({details})")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = GPT, **config_updates):
+    """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest previous run.
+
+    The tokenizer is the one saved beside the model (run_dir/tokenizer/), so a stage can never pair
+    weights with a different vocabulary.
+    """
+    from pipeline.tokenizer import load_tokenizer
+
+    path = resolve_init_from(init_from, stage, root)
+    payload = load_model_payload(path)
+    model = build_model(payload, cls, path, **config_updates)
+    candidates = [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
+    tokenizer_dir = next((c for c in candidates if c.is_dir()), None)
+    if tokenizer_dir is None:
+        raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={model.config.vocab_size}")
+    return model, tokenizer, payload, path

@@ -1,0 +1,227 @@
+"""Lightning plumbing shared by the stages: optimiser and schedule, logger, checkpoints, throughput, the Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import logging
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import runs
+from pipeline.model import GPT, Block, decay_param_groups
+from pipeline.tokenizer import save_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Peak dense bf16 throughput, for MFU; a device not listed gets no MFU figure.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def adamw_with_schedule(module: torch.nn.Module, opt: DictConfig, max_steps: int) -> dict:
+    """AdamW (decay on matrices only; fused on GPU) with linear warmup then cosine decay to min_lr_ratio * lr."""
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in module.parameters())
+    optimizer = torch.optim.AdamW(
+        decay_param_groups(module, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), fused=fused or None
+    )
+    warmup, floor = int(opt.warmup_steps), float(opt.min_lr_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def wandb_mode() -> str:
+    """Offline unless the user chose otherwise: WANDB_MODE wins, then a stored login, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file() and "api.wandb.ai" in (Path.home() / ".netrc").read_text():
+        return "online"
+    return "offline"
+
+
+def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
+    """W&B (one run per stage run, resumed under the same id after a kill) or CSV."""
+    if cfg.logger.name == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    os.environ["WANDB_MODE"] = wandb_mode()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb.util
+
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id)
+    name = run_name_of(run_dir)
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or os.environ.get("PIPELINE_GROUP") or name,
+        job_type=cfg.stage,
+        name=f"{cfg.stage}/{name}",
+        id=run_id,
+        resume="allow",
+        save_dir=str(run_dir),
+        log_model=bool(cfg.logger.log_model),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def run_name_of(run_dir: Path) -> str:
+    return Path(run_dir).name
+
+
+class Throughput(Callback):
+    """Tokens per second of the optimisation steps (and MFU where the device's peak is known)."""
+
+    def __init__(self, flops_per_token: float | None = None, skip_steps: int = 3):
+        self.flops_per_token = flops_per_token
+        self.skip_steps = skip_steps  # the first steps pay for warm-up and allocation
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if trainer.global_step <= self.skip_steps or self._start is None:
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += int(batch["input_ids"].numel()) * trainer.world_size
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            pl_module.log_dict(self.figures(trainer), rank_zero_only=True)
+
+    def figures(self, trainer) -> dict[str, float]:
+        if self.seconds == 0:
+            return {}
+        out = {"perf/tokens_per_s": self.tokens / self.seconds}
+        peak = device_peak_flops()
+        if peak and self.flops_per_token:
+            out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / (peak * trainer.world_size)
+        return out
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def is_global_zero() -> bool:
+    """Rank 0 before a Trainer exists (DDP child processes carry their rank in the environment)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def fsdp_wrap_policy():
+    """Shard at transformer-block granularity (used by conf/trainer/fsdp.yaml)."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return ModuleWrapPolicy({Block})
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    monitor: str,
+    mode: str,
+    callbacks: list[Callback] = (),
+    **overrides: Any,
+) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Trainer from cfg.trainer, with our logger, last + best checkpoints and the progress bar."""
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
+    logger = make_logger(cfg, run_dir)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.update(overrides)
+    trainer = hydra.utils.instantiate(trainer_cfg, logger=logger, callbacks=all_callbacks, default_root_dir=str(run_dir), _convert_="all")
+    return trainer, checkpoint
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """ckpt_path if given, else this run's own last.ckpt: the same command after a kill resumes."""
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            from pipeline.errors import UserError
+
+            raise UserError(f"ckpt_path={path}: no such checkpoint file")
+        return str(path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def log_table(logger: Logger | None, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table of samples: a W&B table, or a JSON-lines file beside the CSV metrics."""
+    if isinstance(logger, WandbLogger):
+        logger.log_text(key=key, columns=columns, data=rows)
+    elif logger is not None and getattr(logger, "log_dir", None):
+        import json
+
+        path = Path(logger.log_dir) / (key.replace("/", "_") + ".jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+
+
+def log_model_artifact(logger: Logger | None, path: Path, name: str, kind: str, metadata: dict) -> None:
+    """The finished model.pt as a W&B artifact (recorded offline, uploaded at `wandb sync`)."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
+    artifact.add_file(str(path))
+    logger.experiment.log_artifact(artifact)
+
+
+def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trainer, kind: str, stage: str, extra: dict | None = None) -> None:
+    """The end of every stage: tokenizer and model.pt into the run directory, the artifact to W&B, then metrics.json last.
+
+    metrics.json marks the run as finished, so it is written after everything it vouches for.
+    """
+    save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
+    runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra)
+    logger = trainer.logger
+    if logger is not None:
+        logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+    log_model_artifact(logger, run_dir / runs.MODEL_FILE, f"{stage}-model-{run_dir.name}", kind="model", metadata=metrics)
+    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    if logger is not None:
+        logger.finalize("success")
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()
+    log.info("%s finished: %s", stage, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
