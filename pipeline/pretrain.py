@@ -78,7 +78,7 @@ class PretrainModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.best_val_loss = min(self.best_val_loss, loss)
         self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50)), "val/loss_best": self.best_val_loss}, sync_dist=False, prog_bar=True)
-        if self.trainer.is_global_zero and self.sample_prompts and self.tokenizer is not None and not self.trainer.sanity_checking:
+        if self.trainer.is_global_zero and self.sample_prompts and self.tokenizer is not None and self.trainer.training:
             self.log_samples()
 
     def log_samples(self) -> None:
@@ -151,7 +151,7 @@ def prepare(cfg: DictConfig, run_dir: Path):
     else:
         key = f"{source}|{ds['train']._fingerprint}"
         tokenizer = cached_tokenizer(Path(cfg.paths.cache_dir), key, lambda: ds["train"]["text"], cfg.tokenizer.vocab_size)
-    seq_len = int(cfg.data.get("seq_len") or cfg.model.block_size)
+    seq_len = int(cfg.data.seq_len)
     if seq_len > cfg.model.block_size:
         raise UserError(f"data.seq_len={seq_len} is longer than the model's context model.block_size={cfg.model.block_size}")
     model_config = model_config_from(cfg.model, len(tokenizer))
@@ -181,7 +181,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     throughput = Throughput(module.model.flops_per_token(seq_len))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
     datamodule = PackedTextData(train, val, cfg.data.batch_size, cfg.data.num_workers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     # Final figures on the best weights (lowest validation loss), which are also what the next stage starts from.
     best = checkpoint.best_model_path
@@ -191,8 +191,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}
-    train_ids = np.concatenate([row.numpy() for row in train["input_ids"][: min(len(train), 4000)]])
-    val_ids = val["input_ids"].numpy().reshape(-1)
+    train_ids = np.asarray(train.select(range(min(len(train), 4000))).with_format("numpy")["input_ids"]).reshape(-1)
+    val_ids = np.asarray(val.with_format("numpy")["input_ids"]).reshape(-1)
     perf = throughput.figures(trainer)
     metrics = {
         "stage": "pretrain",

@@ -35,13 +35,15 @@ TOKENIZER_DIR = "tokenizer"
 def run_name(override_dirname: str) -> str:
     """Directory name for a run: 'default' without overrides, else the overrides made path-safe.
 
-    Long names, or names holding path separators (data.path=/some/file), keep a readable prefix and
-    gain a hash of the whole, so two different commands never share a directory.
+    `key=value,key=value` becomes `key_value_key_value`, which can be passed back on the command line
+    unquoted. Long names, or names that lose more than `=` and `,` (data.path=/some/file), keep a
+    readable prefix and gain a hash of the whole, so two different commands never share a directory.
     """
     if not override_dirname:
         return "default"
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname)
-    if len(safe) <= 80 and safe == override_dirname:
+    plain = override_dirname.replace("=", "_").replace(",", "_")
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", plain)
+    if len(safe) <= 80 and safe == plain:
         return safe
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
     return f"{safe[:60]}-{digest}"
@@ -53,6 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes files private; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

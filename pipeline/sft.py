@@ -211,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     throughput = Throughput(module.model.flops_per_token(max_len - 1))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
     datamodule = SFTData(train, val, cfg.data.batch_size, tokenizer.pad_token_id, cfg.data.num_workers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     best = checkpoint.best_model_path
     if best and Path(best).is_file():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import runs
+from pipeline.errors import UserError
 from pipeline.model import GPT, Block, decay_param_groups
 from pipeline.tokenizer import save_tokenizer
 
@@ -64,9 +67,8 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb.util
-
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     name = run_name_of(run_dir)
     return WandbLogger(
@@ -170,17 +172,29 @@ def build_trainer(
     return trainer, checkpoint
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """ckpt_path if given, else this run's own last.ckpt: the same command after a kill resumes."""
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, model_config: dict | None = None) -> str | None:
+    """ckpt_path if given, else this run's own last.ckpt: the same command after a kill resumes.
+
+    A checkpoint whose model has another architecture is refused with the differing fields named.
+    """
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
-            from pipeline.errors import UserError
-
             raise UserError(f"ckpt_path={path}: no such checkpoint file")
-        return str(path)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    else:
+        path = run_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return None
+    if model_config is not None:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("model_config")
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        if saved is not None and saved != model_config:
+            diff = {k: (saved.get(k), model_config.get(k)) for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)}
+            details = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+            raise UserError(f"checkpoint {path} holds a model of another architecture ({details})")
+    return str(path)
 
 
 def log_table(logger: Logger | None, key: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -203,7 +217,8 @@ def log_model_artifact(logger: Logger | None, path: Path, name: str, kind: str, 
         return
     import wandb
 
-    artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]  # W&B's rule for artifact names
+    artifact = wandb.Artifact(name=safe, type=kind, metadata=metadata)
     artifact.add_file(str(path))
     logger.experiment.log_artifact(artifact)
 

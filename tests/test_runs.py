@@ -19,7 +19,7 @@ def small_config(**kw) -> GPTConfig:
 
 def test_run_name_is_stable_and_path_safe():
     assert runs.run_name("") == "default"
-    assert runs.run_name("model.lr=0.001,trainer.max_steps=5") == "model.lr=0.001,trainer.max_steps=5"
+    assert runs.run_name("model.lr=0.001,trainer.max_steps=5") == "model.lr_0.001_trainer.max_steps_5"
     long = runs.run_name("data.path=/some/where/file.jsonl")
     assert "/" not in long and long == runs.run_name("data.path=/some/where/file.jsonl")
     assert long != runs.run_name("data.path=/some/where/other.jsonl")
