@@ -78,7 +78,7 @@ class PretrainModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.best_val_loss = min(self.best_val_loss, loss)
         self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50)), "val/loss_best": self.best_val_loss}, sync_dist=False, prog_bar=True)
-        if self.trainer.is_global_zero and self.sample_prompts and self.tokenizer is not None and self.trainer.training:
+        if self.trainer.is_global_zero and self.sample_prompts and self.tokenizer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.log_samples()
 
     def log_samples(self) -> None:

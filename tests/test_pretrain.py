@@ -124,7 +124,6 @@ def test_killed_run_resumes_with_the_same_command(corpus, outputs_root):
     assert metrics["train/steps"] == 400
 
 
-@pytest.mark.slow
 def test_two_process_ddp_on_cpu(corpus, outputs_root):
     run_pipeline(
         "stage=pretrain",
