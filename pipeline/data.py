@@ -87,7 +87,7 @@ def _stdlib_docstrings() -> Iterable[tuple[str, str]]:
 def embedded_corpus_rows(seed: int = 0) -> dict[str, list[dict]]:
     """Python's reference documentation (pydoc topics) and stdlib docstrings, split by document.
 
-    A document goes to validation when a hash of its name (and seed) says so (~5%), so the split is
+    A document goes to validation when a hash of its text (and seed) says so (~5%), so the split is
     stable across machines and never puts one document in both.
     """
     from pydoc_data.topics import topics
@@ -95,8 +95,12 @@ def embedded_corpus_rows(seed: int = 0) -> dict[str, list[dict]]:
     docs = [(f"topic:{k}", v.strip()) for k, v in sorted(topics.items()) if len(v.strip()) >= 200]
     docs += [(f"doc:{k}", v.strip()) for k, v in _stdlib_docstrings()]
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    seen: set[str] = set()
     for name, text in docs:
-        bucket = int(hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()[:8], 16) % 100
+        if text in seen:  # the same docstring in two places (re-exports, copies) is one document
+            continue
+        seen.add(text)
+        bucket = int(hashlib.sha1(f"{seed}:{text}".encode()).hexdigest()[:8], 16) % 100
         splits["validation" if bucket < 5 else "train"].append({"text": text})
     return splits
 
@@ -132,7 +136,8 @@ def embedded_task(cache_dir: Path, kind: str) -> Path:
 
 
 def _looks_like_path(path: str) -> bool:
-    return os.sep in path or path.startswith(".") or Path(path).suffix.lower() in FILE_TYPES
+    """A local path rather than a hub name ('org/name' is a hub name; '/x', './x', 'a/b/c', 'x.jsonl' are paths)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in FILE_TYPES
 
 
 def _split_of(file: Path) -> str | None:
@@ -191,7 +196,7 @@ def load_data(path: str, columns: dict[str, str] | None = None, val_fraction: fl
             ds = datasets.load_dataset(source)
         except Exception as e:
             raise UserError(
-                f"data.path={source} is neither a local file or folder nor a dataset the hub could provide "
+                f"data.path={source} is neither an existing local file or folder nor a dataset the hub could provide "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from None
     if not isinstance(ds, datasets.DatasetDict):
@@ -227,6 +232,11 @@ def detect_format(dataset) -> DataFormat:
     """Which TRL format the columns (and the first row) say this dataset is in."""
     cols = set(dataset.column_names)
     first = dataset[0] if len(dataset) else {}
+    pair = {"chosen", "rejected"} & cols
+    if len(pair) == 1:
+        (have,) = pair
+        lacking = "rejected" if have == "chosen" else "chosen"
+        raise UserError(f"the columns {sorted(cols)} look like preference data with '{have}' but no '{lacking}' column; preference rows need both")
     if {"chosen", "rejected"} <= cols:
         implicit = "prompt" not in cols
         return DataFormat("preference", _is_messages(first.get("chosen")), implicit)

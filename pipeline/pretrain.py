@@ -28,7 +28,7 @@ from pipeline.training import Throughput, adamw_with_schedule, build_trainer, fi
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_CORPUS = "embedded/pretrain-v1"  # bump the version when the corpus builder changes
+EMBEDDED_CORPUS = "embedded/pretrain-v2"  # bump the version when the corpus builder changes
 
 
 def model_config_from(cfg_model: DictConfig, vocab_size: int) -> GPTConfig:

@@ -110,8 +110,10 @@ def load_tokenizer(path: str | Path):
     if tok.eos_token is None:
         missing["eos_token"] = EOS
     roles = [t for t in ROLE_TOKENS if t not in tok.get_vocab()]
-    if missing or roles:
-        tok.add_special_tokens({**missing, "additional_special_tokens": list(tok.additional_special_tokens) + roles})
+    if missing:
+        tok.add_special_tokens(missing)
+    if roles:
+        tok.add_tokens(roles, special_tokens=True)
     if not tok.chat_template:
         tok.chat_template = CHAT_TEMPLATE
     return tok
