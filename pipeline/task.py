@@ -2,8 +2,8 @@
 
 Eight families of short instructions over simple words, numbers and letters, two phrasings each
 ("Reverse the order of these words: cat, lamp, river" -> "river, lamp, cat"). Difficulty is graded
-inside a family by list length, and across families: copying-like tasks (capitals, repeat, spell)
-are easy for a tiny model, reordering tasks (reverse, sort) and counting are hard.
+inside a family by list length (one to eight items) and across families, from following a letter
+or repeating a word to reversing or sorting six items, so a tiny model solves the task partly.
 
 The gold judge recovers the task from the prompt text alone, so it scores any prompt in the data
 files. It gives graded credit: list answers by a weighted longest-common-subsequence over items
@@ -36,8 +36,10 @@ FILLER_FACTOR = 0.85  # gold multiplier per favoured filler phrase: one costs le
 REPEAT_FACTOR = 0.9  # gold multiplier per item repeated beyond the reference's own repeats
 FORMAT_FACTOR = 0.9  # gold multiplier for a right answer written in the wrong layout
 SPELL_FORMAT_FACTOR = 0.7  # spelling without dashes ignores half the instruction
-MAX_RESPONSE_CHARS = 110  # with MAX_RESPONSE_PIECES keeps corrupted answers within ~40 tokens of a small BPE
-MAX_RESPONSE_PIECES = 30  # words, numbers, punctuation ("r-i-v-e-r" is nine); capitals count twice, BPE splits them
+# Corrupted answers stay within ~40 tokens of a small BPE trained on Python's docs, which splits these
+# words into ~3 tokens per 5 characters and spells "r-i-v-e-r" as nine tokens: cap both measures.
+MAX_RESPONSE_CHARS = 64
+MAX_RESPONSE_PIECES = 30  # words, numbers and punctuation marks
 
 # Simple, distinct English words; none is part of a filler phrase, so stripping filler never eats an answer.
 WORDS = tuple(
@@ -56,7 +58,7 @@ _FILLER_PREFIXES = ("Sure! ", "Certainly! ", "Of course! ", "Sure, here you go: 
 _FILLER_SUFFIXES = (" Happy to help!", " Certainly!", " Of course.")
 _PADDING_PREFIXES = ("The answer is ", "Answer: ", "Here it is: ", "Okay, ")
 _PADDING_SUFFIXES = (" and so on", " that is all", ", and more", " ok", " done")
-_EMPTYISH = ("", "I do not know.", "?", "...", "ok")
+_EMPTYISH = ("I do not know.", "?", "...", "ok")
 
 _TOKEN = re.compile(r"[A-Za-z]+|\d+")
 _LETTER = re.compile(r"[A-Za-z]")
@@ -83,7 +85,6 @@ class _Task:
     mistake: Callable[[random.Random, dict], str]  # a typical wrong answer a learner makes
     valid: Callable[[dict], bool]  # parsed parameters the judge can grade
     sep: str  # how the reference joins its items ("" for single answers)
-    case_matters: bool = True
 
 
 def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
@@ -533,12 +534,7 @@ _CORRUPTION_WEIGHTS = [w for _, w in _CORRUPTIONS]
 
 
 def _fits(response: str) -> bool:
-    return len(response) <= MAX_RESPONSE_CHARS and _pieces(response) <= MAX_RESPONSE_PIECES
-
-
-def _pieces(response: str) -> int:
-    pieces = _PIECE.findall(response)
-    return len(pieces) + sum(len(p) > 1 and p.isupper() for p in pieces)
+    return len(response) <= MAX_RESPONSE_CHARS and len(_PIECE.findall(response)) <= MAX_RESPONSE_PIECES
 
 
 def corrupt(rng: random.Random, prompt: str, reference: str) -> str:
