@@ -24,7 +24,7 @@ from typing import Iterable
 from pipeline.errors import UserError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TASK_VERSION = "v2"  # bump when the embedded task generator changes, so cached files are rebuilt
+TASK_VERSION = "v3"  # bump when the embedded task generator changes, so cached files are rebuilt
 SPLIT_NAMES = {
     "train": "train",
     "validation": "validation",

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from pipeline import data as data_lib
@@ -24,7 +23,7 @@ from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig, generate, pad_vocab
 from pipeline.tokenizer import cached_tokenizer, load_tokenizer
-from pipeline.training import Throughput, adamw_with_schedule, build_trainer, finish, log_table, resume_checkpoint
+from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, finish, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +100,6 @@ class PretrainModule(pl.LightningModule):
         return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)
 
 
-class PackedTextData(pl.LightningDataModule):
-    """Fixed-length blocks of token ids (T+1 each, inputs and shifted targets) for train and validation."""
-
-    def __init__(self, train, val, batch_size: int, num_workers: int = 0):
-        super().__init__()
-        self.train_set, self.val_set = train, val
-        self.batch_size, self.num_workers = batch_size, num_workers
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-
 def unigram_cross_entropy(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> float:
     """Nats per token of the best context-free model (train unigram frequencies, add-one smoothed) on validation.
 
@@ -180,7 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seq_len = train[0]["input_ids"].numel() - 1
     throughput = Throughput(module.model.flops_per_token(seq_len))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
-    datamodule = PackedTextData(train, val, cfg.data.batch_size, cfg.data.num_workers)
+    datamodule = Batches(train, val, cfg.data.batch_size, num_workers=cfg.data.num_workers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     # Final figures on the best weights (lowest validation loss), which are also what the next stage starts from.

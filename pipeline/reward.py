@@ -30,7 +30,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import left_pad, prompt_ids
 from pipeline.model import GPTConfig, ScalarGPT, last_token_index
 from pipeline.sft import encode_ids, render
-from pipeline.training import Throughput, adamw_with_schedule, build_trainer, finish, resume_checkpoint
+from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, finish, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -147,20 +147,6 @@ class RewardModule(pl.LightningModule):
         return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)
 
 
-class PairData(pl.LightningDataModule):
-    def __init__(self, train, val, batch_size: int, pad_id: int, num_workers: int = 0):
-        super().__init__()
-        self.train_set, self.val_set = train, val
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.collate = PairCollator(pad_id)
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
-
-
 @torch.no_grad()
 def score_sequences(model: ScalarGPT, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
     """Raw reward of each full sequence at its last real token (sequences padded on the left)."""
@@ -207,7 +193,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput])
-    datamodule = PairData(pairs["train"], pairs["validation"], cfg.data.batch_size, tokenizer.pad_token_id, cfg.data.num_workers)
+    datamodule = Batches(pairs["train"], pairs["validation"], cfg.data.batch_size, PairCollator(tokenizer.pad_token_id), cfg.data.num_workers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     best = checkpoint.best_model_path

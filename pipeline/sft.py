@@ -18,14 +18,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from pipeline import data as data_lib
 from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.evaluate import gold_eval
 from pipeline.pretrain import PretrainModule
-from pipeline.training import Throughput, build_trainer, finish, is_global_zero, log_table, resume_checkpoint
+from pipeline.training import Batches, Throughput, build_trainer, finish, is_global_zero, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +139,6 @@ class SFTModule(PretrainModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
 
 
-class SFTData(pl.LightningDataModule):
-    def __init__(self, train, val, batch_size: int, pad_id: int, num_workers: int = 0):
-        super().__init__()
-        self.train_set, self.val_set = train, val
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.collate = PadCollator(pad_id)
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
-
-
 SFT_FORMATS = {"language_modeling", "prompt_completion"}
 
 
@@ -210,7 +195,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     throughput = Throughput(module.model.flops_per_token(max_len - 1))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
-    datamodule = SFTData(train, val, cfg.data.batch_size, tokenizer.pad_token_id, cfg.data.num_workers)
+    datamodule = Batches(train, val, cfg.data.batch_size, PadCollator(tokenizer.pad_token_id), cfg.data.num_workers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     best = checkpoint.best_model_path

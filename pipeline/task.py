@@ -30,9 +30,9 @@ from functools import lru_cache
 from typing import Callable
 
 SPLITS = ("train", "validation", "test")
-LABEL_NOISE = 0.1  # default chance that an annotator flips a label
-BIAS = 0.25  # default gold gap below which annotators go by filler and length instead of quality
-FILLER_FACTOR = 0.85  # gold multiplier per favoured filler phrase: one costs less than BIAS, so raters like it
+LABEL_NOISE = 0.05  # default chance that an annotator flips a label
+BIAS = 0.1  # default gold gap below which annotators go by filler and length instead of quality
+FILLER_FACTOR = 0.92  # gold multiplier per favoured filler phrase: one costs less than BIAS, so raters like it
 REPEAT_FACTOR = 0.9  # gold multiplier per item repeated beyond the reference's own repeats
 FORMAT_FACTOR = 0.9  # gold multiplier for a right answer written in the wrong layout
 SPELL_FORMAT_FACTOR = 0.7  # spelling without dashes ignores half the instruction

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from pipeline import runs
 from pipeline.errors import UserError
@@ -129,6 +130,21 @@ def device_peak_flops() -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Batches(pl.LightningDataModule):
+    """Train and validation sets with their collate function: shuffled, full batches for training."""
+
+    def __init__(self, train, val, batch_size: int, collate=None, num_workers: int = 0):
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.batch_size, self.collate, self.num_workers = batch_size, collate, num_workers
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
 
 def is_global_zero() -> bool:

@@ -1,0 +1,148 @@
+"""SFT and the reward model: label masking, the pairwise loss, separability, runs through the composed config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydoc_data.topics import topics
+
+from pipeline import data
+from pipeline.errors import UserError
+from pipeline.model import GPTConfig, ScalarGPT
+from pipeline.reward import PairCollator, RewardModule, encode_pairs, pairwise_loss, score_sequences
+from pipeline.sft import IGNORE, encode_example, tokenize
+from pipeline.tokenizer import train_tokenizer
+from test_pretrain import TINY, run_pipeline
+
+U = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+A = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([topics[k] for k in sorted(topics)[:30]], 400)
+
+
+def kept(ids, labels):
+    return [i for i, l in zip(ids, labels) if l != IGNORE]
+
+
+def test_labels_mask_the_prompt_in_every_sft_format(tok):
+    conv = data.DataFormat("prompt_completion", True)
+    ids, labels, prompt_len = encode_example(tok, {"prompt": U("Sort: 3, 1"), "completion": A("1, 3")}, conv, "completion")
+    assert labels[:prompt_len] == [IGNORE] * prompt_len
+    assert tok.decode(kept(ids, labels)) == "1, 3" + tok.eos_token
+    assert labels[-1] == tok.eos_token_id
+
+    chat = data.DataFormat("language_modeling", True)
+    messages = U("one") + A("uno") + U("two") + A("dos")
+    ids, labels, _ = encode_example(tok, {"messages": messages}, chat, "completion")
+    assert tok.decode(kept(ids, labels)) == "uno" + tok.eos_token + "dos" + tok.eos_token
+    ids_all, labels_all, _ = encode_example(tok, {"messages": messages}, chat, "all")
+    assert ids_all == ids and labels_all == ids
+
+    std = data.DataFormat("prompt_completion", False)
+    ids, labels, prompt_len = encode_example(tok, {"prompt": "2+2=", "completion": "4"}, std, "completion")
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(kept(ids, labels)) == "4" + tok.eos_token and prompt_len == 1 + len(tok("2+2=", add_special_tokens=False)["input_ids"])
+
+
+def test_a_prompt_longer_than_the_context_names_the_row(tok, tmp_path):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "short", "completion": "ok"}, {"prompt": "word " * 300, "completion": "ok"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    ds = data.load_data(str(path))["train"]
+    with pytest.raises(UserError, match=r"row \d+ has a prompt of \d+ tokens.*context of 64 tokens"):
+        tokenize(ds, tok, data.detect_format(ds), "completion", 65, "long.jsonl")
+
+
+def test_pairwise_loss_on_hand_made_pairs():
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 1.5])
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-5)
+    with_margin = pairwise_loss(chosen, rejected, margin=torch.tensor([1.0, 0.0]))
+    assert with_margin.item() == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2, rel=1e-5)
+    centred = pairwise_loss(chosen, rejected, center_coef=0.1)
+    assert centred.item() == pytest.approx(expected + 0.1 * ((2.0**2) + (2.0**2)) / 2, rel=1e-5)
+
+
+def test_reward_model_separates_a_separable_toy_set(tok):
+    """Chosen answers say 'yes', rejected ones 'no': held-out accuracy must reach 1.0."""
+    torch.manual_seed(0)
+    rows = [{"prompt": U(f"question {i}"), "chosen": A(f"yes {i}"), "rejected": A(f"no {i}")} for i in range(80)]
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    fmt = data.detect_format(ds)
+    pairs = encode_pairs(ds, tok, fmt, 64, "toy")
+    config = GPTConfig(vocab_size=448, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    module = RewardModule(config.to_dict(), {"lr": 3e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 1.0}, max_steps=60)
+    opt = module.configure_optimizers()["optimizer"]
+    collate = PairCollator(tok.pad_token_id)
+    train, held_out = pairs.select(range(60)), pairs.select(range(60, 80))
+    for step in range(60):
+        batch = collate([train[(step * 8 + j) % 60] for j in range(8)])
+        chosen, rejected = module.scores(batch)
+        loss = pairwise_loss(chosen, rejected)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        chosen, rejected = module.scores(collate([held_out[i] for i in range(20)]))
+    assert (chosen > rejected).float().mean().item() == 1.0
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    """pretrain -> sft -> reward on tiny settings through `python -m pipeline`."""
+    root = tmp_path_factory.mktemp("outputs")
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:60]))
+    tiny = [o if not o.startswith("model.block_size") else "model.block_size=128" for o in TINY]
+    run_pipeline("stage=pretrain", f"data.path={corpus}", "trainer.max_steps=8", "trainer.val_check_interval=4", "logger=csv", *tiny, root=root)
+    trainer = ["logger=csv", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "data.batch_size=8"]
+    run_pipeline("stage=sft", "trainer.max_steps=8", "eval.num_prompts=8", "eval.max_new_tokens=8", *trainer, root=root)
+    run_pipeline("stage=reward", "trainer.max_steps=8", *trainer, root=root)
+    return root
+
+
+def test_sft_run_reports_gold_scores_of_start_and_end(pipeline_runs):
+    run = pipeline_runs / "sft" / next(p.name for p in (pipeline_runs / "sft").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["gold/start"] <= 1.0 and 0.0 <= metrics["gold/final"] <= 1.0
+    assert metrics["train/steps"] == 8 and math.isfinite(metrics["val/loss"])
+    assert metrics["init_from"].startswith(str(pipeline_runs / "pretrain"))
+    rows = json.loads((run / "gold_final.json").read_text())["rows"]
+    assert len(rows) == 8
+    # The gold prompts are held out: none appears in SFT's training data.
+    train_prompts = {r["messages"][0]["content"] for r in data.load_data(str(data.embedded_task(pipeline_runs / "cache", "sft")))["train"]}
+    assert not {r["prompt"] for r in rows} & train_prompts
+
+
+def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_runs):
+    run = next((pipeline_runs / "reward").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val/accuracy", "test/accuracy", "test/accuracy_gold", "test/chosen_reward", "test/rejected_reward", "normalise/reward_mean"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    payload = torch.load(run / "model.pt", weights_only=False)
+    model = ScalarGPT(GPTConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.sft import encode_ids, render
+
+    tok = load_tokenizer(run / "tokenizer")
+    refs = data.load_data(str(data.embedded_task(pipeline_runs / "cache", "sft")))["validation"]
+    seqs = [encode_ids(tok, render(tok, r["messages"]))[: model.config.block_size] for r in refs]
+    normalised = score_sequences(model, seqs, tok.pad_token_id) - payload["extra"]["reward_mean"]
+    assert abs(normalised.mean().item()) < 1e-3
+
+
+def test_preference_file_given_to_sft_is_refused(tmp_path, pipeline_runs):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(10)))
+    result = run_pipeline("stage=sft", f"data.path={prefs}", "logger=csv", root=pipeline_runs, check=False)
+    assert result.returncode == 2 and "stage 'sft' cannot train on" in result.stderr and "preference" in result.stderr
