@@ -4,7 +4,7 @@ One loader for everything: a user's file or folder (`data.path=`), a saved datas
 the embedded defaults, which are written to JSON-lines files first and then read by that same loader.
 
 TRL's formats (each standard = strings, or conversational = lists of {role, content} messages):
-    language modelling   text            | messages
+    language modeling    text            | messages
     prompt-only          prompt
     prompt-completion    prompt, completion
     preference           prompt, chosen, rejected  (or implicit prompt: chosen, rejected)
@@ -13,18 +13,27 @@ TRL's formats (each standard = strings, or conversational = lists of {role, cont
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import json
 import os
+import re
 import sysconfig
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from pipeline.errors import UserError
 
+if TYPE_CHECKING:  # datasets is imported where it is used: importing it takes most of a second
+    import datasets
+    import pyarrow as pa
+
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 TASK_VERSION = "v3"  # bump when the embedded task generator changes, so cached files are rebuilt
+# File-name prefixes that name a split (train.jsonl, val.parquet, test-00001-of-00002.parquet, ...).
 SPLIT_NAMES = {
     "train": "train",
     "validation": "validation",
@@ -33,91 +42,174 @@ SPLIT_NAMES = {
     "dev": "validation",
     "test": "test",
 }
-ROLES = {"system", "user", "assistant"}
-FORMAT_COLUMNS = {
-    "language_modeling": "text (or messages)",
-    "prompt_only": "prompt",
-    "prompt_completion": "prompt, completion",
-    "preference": "prompt, chosen, rejected (or chosen, rejected)",
-}
+_SPLIT_FILE = re.compile(r"^(" + "|".join(sorted(SPLIT_NAMES, key=len, reverse=True)) + r")(?=$|[-_.])", re.IGNORECASE)
+ROLES = ("system", "user", "assistant")
+KINDS = ("language_modeling", "prompt_only", "prompt_completion", "preference")
 FORMAT_NAMES = {
     "language_modeling": "language modeling",
     "prompt_only": "prompt-only",
     "prompt_completion": "prompt-completion",
     "preference": "preference",
 }
+FORMAT_COLUMNS = {
+    "language_modeling": "text or messages",
+    "prompt_only": "prompt",
+    "prompt_completion": "prompt, completion",
+    "preference": "prompt, chosen, rejected; or chosen, rejected with the prompt implicit",
+}
+# Columns that hold an answer: in conversational data each needs an assistant message with content.
+ANSWER_COLUMNS = ("completion", "chosen", "rejected")
+VALIDATE_BATCH_ROWS = 20_000
+PACK_BATCH_ROWS = 1_000  # each map batch drops its last partial block; 1000 documents make that loss negligible
+PACK_VERSION = "1"  # part of the packed data's cache fingerprint: bump when tokenize_and_pack's output changes
 
 
 @dataclass(frozen=True)
 class DataFormat:
-    kind: str  # language_modeling | prompt_only | prompt_completion | preference
-    conversational: bool
-    implicit_prompt: bool = False
+    kind: str  # one of KINDS
+    conversational: bool  # lists of {role, content} messages rather than strings
+    implicit_prompt: bool = False  # preference data without a prompt column: chosen/rejected hold the prompt too
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"DataFormat kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns this format reads."""
+        if self.kind == "language_modeling":
+            return ("messages",) if self.conversational else ("text",)
+        if self.kind == "prompt_only":
+            return ("prompt",)
+        if self.kind == "prompt_completion":
+            return ("prompt", "completion")
+        return ("chosen", "rejected") if self.implicit_prompt else ("prompt", "chosen", "rejected")
 
     def describe(self) -> str:
         name = FORMAT_NAMES[self.kind] + (" with implicit prompt" if self.implicit_prompt else "")
         return f"{'conversational ' if self.conversational else ''}{name}"
 
 
+def _column_list(columns: Iterable[str]) -> str:
+    return "[" + ", ".join(columns) + "]"
+
+
+def _formats_wanted(kinds: Iterable[str]) -> str:
+    return ", ".join(f"{FORMAT_NAMES[k]} ({FORMAT_COLUMNS[k]})" for k in kinds)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a library error, in one line (datasets wraps parser errors several layers deep)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded pretraining corpus: English text that ships with Python.
 
+CORPUS_MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries
+VALIDATION_PERCENT = 5
+# Test suites and demos are code-heavy prose; site-packages is not the standard library.
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__", "ensurepip"}
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
-def _stdlib_docstrings() -> Iterable[tuple[str, str]]:
-    """(module name, docstring) of the standard library's modules, read with ast (nothing is imported)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__", "dist-packages"}
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib)
-        if skip & set(rel.parts):
-            continue
+
+def _stdlib_files() -> list[Path]:
+    """The standard library's .py files, walked in a fixed order with the skipped folders pruned (not visited)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        files += [Path(folder, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def _docstrings(node: ast.AST, qualname: str) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of a module, class or function and of every one defined inside it.
+
+    Definitions nested in if/try/with blocks count too; they take the name of their enclosing scope.
+    """
+    if isinstance(node, _DOCUMENTED):
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield qualname, doc
+    for child in ast.iter_child_nodes(node):
+        named = isinstance(child, _DOCUMENTED) and not isinstance(child, ast.Module)
+        yield from _docstrings(child, f"{qualname}.{child.name}" if named else qualname)
+
+
+def _corpus_documents() -> list[tuple[str, str]]:
+    """(document id, text): pydoc's topics, then docstrings of stdlib modules, classes and functions."""
+    from pydoc_data.topics import topics
+
+    documents = [(f"topic:{name}", text.strip()) for name, text in sorted(topics.items())]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files():
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        name = ".".join(rel.with_suffix("").parts)
-        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        for node in (n for n in ast.walk(tree) if isinstance(n, documented)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= 120:
-                label = name if node is tree else f"{name}.{node.name}"
-                yield label, doc
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # old escape sequences in stdlib sources raise SyntaxWarning on 3.12+
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue  # a template or a file for another Python version
+        documents += [(f"doc:{name}", text) for name, text in _docstrings(tree, module)]
+    return [(doc_id, text) for doc_id, text in documents if len(text) >= CORPUS_MIN_CHARS]
 
 
 def embedded_corpus_rows(seed: int = 0) -> dict[str, list[dict]]:
-    """Python's reference documentation (pydoc topics) and stdlib docstrings, split by document.
+    """Python's reference documentation (pydoc topics) and stdlib docstrings as {"text"} rows, split by document.
 
-    A document goes to validation when a hash of its text (and seed) says so (~5%), so the split is
-    stable across machines and never puts one document in both.
+    A document goes to validation when a hash of its id (and seed) says so (~5%), so the split is the
+    same on every machine and no document is in both. Text that appears twice (re-exported or
+    copied docstrings) is one document.
     """
-    from pydoc_data.topics import topics
-
-    docs = [(f"topic:{k}", v.strip()) for k, v in sorted(topics.items()) if len(v.strip()) >= 200]
-    docs += [(f"doc:{k}", v.strip()) for k, v in _stdlib_docstrings()]
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
     seen: set[str] = set()
-    for name, text in docs:
-        if text in seen:  # the same docstring in two places (re-exports, copies) is one document
+    for doc_id, text in _corpus_documents():
+        if text in seen:
             continue
         seen.add(text)
-        bucket = int(hashlib.sha1(f"{seed}:{text}".encode()).hexdigest()[:8], 16) % 100
-        splits["validation" if bucket < 5 else "train"].append({"text": text})
+        bucket = int.from_bytes(hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()[:8], "big") % 100
+        splits["validation" if bucket < VALIDATION_PERCENT else "train"].append({"text": text})
     return splits
 
 
-def materialize(rows_by_split: dict[str, list[dict]], directory: Path) -> Path:
-    """Write <split>.jsonl per split (atomically) unless all are there already; return the folder."""
+def _write_atomically(target: Path, content: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def materialize(rows_by_split: dict[str, list[dict]], directory: str | Path) -> Path:
+    """Write <split>.jsonl per split (each atomically) unless they are all there already; return the folder.
+
+    A hidden stamp records a hash of the rows, so files left by an older version of the rows'
+    generator are rewritten rather than silently reused.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in rows_by_split.items():
-        target = directory / f"{split}.jsonl"
-        if target.is_file():
-            continue
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
+    texts = {split: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) for split, rows in sorted(rows_by_split.items())}
+    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+    stamp = directory / ".rows.sha256"
+    targets = {split: directory / f"{split}.jsonl" for split in texts}
+    if all(t.is_file() for t in targets.values()) and stamp.is_file() and stamp.read_text().strip() == digest:
+        return directory
+    for split, text in texts.items():
+        _write_atomically(targets[split], text)
+    _write_atomically(stamp, digest + "\n")
     return directory
 
 
@@ -135,86 +227,169 @@ def embedded_task(cache_dir: Path, kind: str) -> Path:
 # Loading
 
 
-def _looks_like_path(path: str) -> bool:
-    """A local path rather than a hub name ('org/name' is a hub name; '/x', './x', 'a/b/c', 'x.jsonl' are paths)."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in FILE_TYPES
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub name: hub names are 'name' or 'org/name'; '/x', './x', 'a/b/c', 'x.jsonl' are paths."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or (os.sep != "/" and os.sep in name)
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in FILE_TYPES
+    )
 
 
 def _split_of(file: Path) -> str | None:
-    stem = file.name.split(".")[0].lower()
-    return SPLIT_NAMES.get(stem)
+    match = _SPLIT_FILE.match(file.name)
+    return SPLIT_NAMES[match.group(1).lower()] if match else None
 
 
-def _load_files(files: dict[str, list[str]], source: str):
+def _has_blank_line(file: Path, chunk_chars: int = 1 << 20) -> bool:
+    blank = re.compile(r"\n[ \t\r]*\n")
+    tail = ""
+    with file.open(encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(chunk_chars):
+            if blank.search(tail + chunk):
+                return True
+            tail = chunk[-64:]  # a blank line may straddle two chunks
+    return False
+
+
+def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None):
+    """One datasets builder (json, parquet, csv or text) over the files of every split."""
     import datasets
 
-    kinds = {FILE_TYPES[Path(f).suffix.lower()] for fs in files.values() for f in fs}
-    if len(kinds) > 1:
-        raise UserError(f"{source} mixes file types {sorted(kinds)}; use one type per dataset")
-    for fs in files.values():
-        for f in fs:
-            if Path(f).stat().st_size == 0:
-                raise UserError(f"data file {f} is empty")
+    builders = {FILE_TYPES[f.suffix.lower()] for fs in files.values() for f in fs}
+    if len(builders) > 1:
+        raise UserError(f"data folder {source} mixes file types ({', '.join(sorted(builders))}); put one type of file in a dataset folder")
+    for f in (f for fs in files.values() for f in fs):
+        if f.stat().st_size == 0:
+            raise UserError(f"data file {f} is empty; expected rows in one of TRL's dataset formats")
+    builder = builders.pop()
+    options: dict = {}
+    if builder == "csv":
+        # Every TRL column is text: read all as strings, or a completion "4" would become the number 4.
+        first = next(f for fs in files.values() for f in fs)
+        with first.open(newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        if header:
+            options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+    elif builder == "text":
+        # Paragraphs (blank-line separated) are the documents: the lines of hard-wrapped prose are not.
+        # A file with no blank line at all is taken as one document per line.
+        paragraphs = any(_has_blank_line(f) for fs in files.values() for f in fs)
+        options["sample_by"] = "paragraph" if paragraphs else "line"
     try:
-        return datasets.load_dataset(kinds.pop(), data_files=files)
-    except Exception as e:
-        raise UserError(f"cannot read {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        ds = datasets.load_dataset(builder, data_files={s: [str(f) for f in fs] for s, fs in files.items()}, cache_dir=cache_dir, **options)
+    except Exception as e:  # datasets raises many types for an unreadable file; all mean the same to the user
+        raise UserError(f"cannot read {source} as {builder} ({_reason(e)}); expected a {'/'.join(sorted(k for k, v in FILE_TYPES.items() if v == builder))} file in one of TRL's dataset formats") from None
+    if builder == "text":
+        # The text builder keeps blank-only paragraphs and newlines left over from runs of blank lines.
+        ds = ds.map(lambda b: {"text": [t.strip("\n") for t in b["text"]]}, batched=True, desc="trimming paragraphs")
+        ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, desc="dropping blank paragraphs")
+    for split, part in ds.items():
+        if len(part) == 0:
+            names = ", ".join(str(f) for f in files[split])
+            raise UserError(f"data file {names} holds no rows; expected rows in one of TRL's dataset formats")
+    return ds
 
 
-def _load_path(path: Path):
+def _load_saved(path: Path):
     import datasets
 
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"cannot read the saved dataset in {path} ({_reason(e)}); expected a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk") from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
+def _load_local(path: Path, cache_dir: str | None):
     if path.is_file():
         if path.suffix.lower() not in FILE_TYPES:
-            raise UserError(f"data file {path} has an unknown type; expected one of {sorted(FILE_TYPES)}")
-        return _load_files({"train": [str(path)]}, str(path))
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+            raise UserError(f"data file {path} has an unknown type; expected one of {', '.join(FILE_TYPES)}")
+        return _load_files({"train": [path]}, str(path), cache_dir)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _load_saved(path)
     data_files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in FILE_TYPES and not f.name.startswith("."))
     if not data_files:
-        raise UserError(f"data folder {path} holds no data files ({', '.join(sorted(FILE_TYPES))}) and no saved dataset")
-    files: dict[str, list[str]] = {}
+        raise UserError(f"data folder {path} holds no data files ({', '.join(FILE_TYPES)}) and no dataset written by save_to_disk")
+    files: dict[str, list[Path]] = {}
     for f in data_files:
-        split = _split_of(f) or "train"
-        files.setdefault(split, []).append(str(f))
-    return _load_files(files, str(path))
+        files.setdefault(_split_of(f) or "train", []).append(f)
+    return _load_files(files, str(path), cache_dir)
 
 
-def load_data(path: str, columns: dict[str, str] | None = None, val_fraction: float = 0.05, seed: int = 0):
-    """A DatasetDict with train and validation (and test where the data has it) from any supported source."""
+def _load_hub(name: str, cache_dir: str | None):
     import datasets
 
-    source = str(path)
-    local = Path(os.path.expanduser(source))
-    if local.exists():
-        ds = _load_path(local)
-    elif _looks_like_path(source):
-        raise UserError(f"data path {source} does not exist")
-    else:
-        try:
-            ds = datasets.load_dataset(source)
-        except Exception as e:
+    try:
+        return datasets.load_dataset(name, cache_dir=cache_dir)
+    except Exception as e:  # offline, not found, gated, ...: none of them leaves anything to load
+        raise UserError(
+            f"data path {name} is neither a local file or folder nor a reachable hub dataset ({_reason(e)}); "
+            f"expected a .jsonl/.json/.parquet/.csv/.txt file, a folder of them, a folder written by save_to_disk, or a hub dataset name"
+        ) from None
+
+
+def _rename_columns(ds, columns: Mapping[str, str], source: str):
+    for split, part in ds.items():
+        present = part.column_names
+        missing = [c for c in columns if c not in present]
+        if missing:
             raise UserError(
-                f"data.path={source} is neither an existing local file or folder nor a dataset the hub could provide "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from None
+                f"data.columns names column {', '.join(repr(c) for c in missing)}, which {source} ({split} split) does not have; "
+                f"its columns are {_column_list(present)}"
+            )
+        clashes = [new for old, new in columns.items() if new in present and new not in columns and new != old]
+        if clashes:
+            raise UserError(f"data.columns renames onto {', '.join(repr(c) for c in clashes)}, which {source} ({split} split) already has; its columns are {_column_list(present)}")
+    return ds.rename_columns({old: new for old, new in columns.items() if old != new})
+
+
+def load_data(
+    path: str | os.PathLike,
+    columns: Mapping[str, str] | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.DatasetDict:
+    """A DatasetDict with train and validation (and test where the data has it) from any supported source.
+
+    `path`: a .jsonl/.json/.parquet/.csv/.txt file (a .txt file gives one `text` row per paragraph),
+    a folder of such files (split by file name: train.*, validation.*/val.*/valid.*/dev.*, test.*;
+    other files are train), a folder written by save_to_disk, or a hub dataset name.
+    `columns` renames the data's columns to TRL's ({"question": "prompt", "answer": "completion"}).
+    Without a validation split, `val_fraction` of train is held out, the same rows for the same seed.
+    `cache_dir` is where datasets keeps its Arrow files (its own default when None).
+    """
+    import datasets
+
+    if not 0 < val_fraction < 1:
+        raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1")
+    source = os.fspath(path)
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    local = Path(source).expanduser()
+    if local.exists():
+        ds = _load_local(local, cache)
+    elif _looks_like_path(source):
+        raise UserError(f"data path {source} does not exist; expected a .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a folder written by save_to_disk")
+    else:
+        ds = _load_hub(source, cache)
     if not isinstance(ds, datasets.DatasetDict):
         ds = datasets.DatasetDict({"train": ds})
+    # Hub and saved datasets name their splits freely: map val/valid/dev to validation where unambiguous.
+    renamed = {SPLIT_NAMES.get(s.lower(), s): s for s in ds}
+    if len(renamed) == len(ds):
+        ds = datasets.DatasetDict({new: ds[old] for new, old in renamed.items()})
     if "train" not in ds:
-        raise UserError(f"{source} has no train split (splits found: {sorted(ds)})")
+        raise UserError(f"{source} has no train split (its splits are {_column_list(ds)}); name the training file train.* or the split 'train'")
     for split, part in ds.items():
         if len(part) == 0:
             raise UserError(f"{source}: the {split} split has no rows")
     if columns:
-        present = ds["train"].column_names
-        absent = [c for c in columns if c not in present]
-        if absent:
-            raise UserError(f"data.columns names {absent}, which {source} does not have; its columns are {present}")
-        ds = ds.rename_columns(dict(columns))
+        ds = _rename_columns(ds, dict(columns), source)
     if "validation" not in ds:
         if len(ds["train"]) < 2:
-            raise UserError(f"{source} has {len(ds['train'])} row: too few to hold out a validation split")
+            raise UserError(f"{source} has {len(ds['train'])} row: too few to hold out a validation split; add rows or a validation file")
         parts = ds["train"].train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
     return ds
@@ -224,100 +399,238 @@ def load_data(path: str, columns: dict[str, str] | None = None, val_fraction: fl
 # Formats
 
 
-def _is_messages(value) -> bool:
-    return isinstance(value, list) and (not value or isinstance(value[0], dict))
+def _arrow_type(dataset, column: str) -> pa.DataType:
+    return dataset.features.arrow_schema.field(column).type
 
 
-def detect_format(dataset) -> DataFormat:
-    """Which TRL format the columns (and the first row) say this dataset is in."""
-    cols = set(dataset.column_names)
-    first = dataset[0] if len(dataset) else {}
-    pair = {"chosen", "rejected"} & cols
-    if len(pair) == 1:
-        (have,) = pair
-        lacking = "rejected" if have == "chosen" else "chosen"
-        raise UserError(f"the columns {sorted(cols)} look like preference data with '{have}' but no '{lacking}' column; preference rows need both")
-    if {"chosen", "rejected"} <= cols:
-        implicit = "prompt" not in cols
-        return DataFormat("preference", _is_messages(first.get("chosen")), implicit)
-    if {"prompt", "completion"} <= cols:
-        return DataFormat("prompt_completion", _is_messages(first.get("prompt")))
-    if "messages" in cols:
-        return DataFormat("language_modeling", True)
-    if "text" in cols:
+def _holds_messages(arrow_type) -> bool | None:
+    """True for a list column (conversational), False for anything else, None for an all-null column (no evidence)."""
+    import pyarrow as pa
+
+    if pa.types.is_null(arrow_type):
+        return None
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _no_format_message(columns: list[str]) -> str:
+    return (
+        f"the columns {_column_list(columns)} match none of TRL's dataset formats: {_formats_wanted(KINDS)}; "
+        f"rename columns with data.columns, e.g. data.columns={{question: prompt, answer: completion}}"
+    )
+
+
+def detect_format(dataset: datasets.Dataset) -> DataFormat:
+    """Which TRL format the columns (and their types) say this dataset is in.
+
+    Conversational when the format's columns hold lists (of messages), standard when they hold
+    strings; decided from the column types, so an empty or odd first row does not mislead it.
+    Extra columns are allowed and ignored.
+    """
+    columns = list(dataset.column_names)
+    present = set(columns)
+    if {"chosen", "rejected"} & present:
+        lacking = [c for c in ("chosen", "rejected") if c not in present]
+        if lacking:
+            raise UserError(
+                f"the columns {_column_list(columns)} look like preference data but the '{lacking[0]}' column is missing; "
+                f"preference rows need both chosen and rejected ({FORMAT_COLUMNS['preference']})"
+            )
+        kind, implicit = "preference", "prompt" not in present
+    elif {"prompt", "completion"} <= present:
+        kind, implicit = "prompt_completion", False
+    elif "messages" in present:
+        kind, implicit = "language_modeling", False
+    elif "text" in present:
         return DataFormat("language_modeling", False)
-    if "prompt" in cols:
-        return DataFormat("prompt_only", _is_messages(first.get("prompt")))
-    formats = "; ".join(f"{FORMAT_NAMES[k]} ({v})" for k, v in FORMAT_COLUMNS.items())
-    raise UserError(f"the columns {sorted(cols)} match none of TRL's dataset formats: {formats}. Rename columns with data.columns")
+    elif "prompt" in present:
+        kind, implicit = "prompt_only", False
+    else:
+        raise UserError(_no_format_message(columns))
+    probe = DataFormat(kind, kind == "language_modeling", implicit)
+    evidence = {c: _holds_messages(_arrow_type(dataset, c)) for c in probe.columns}
+    decided = {c: v for c, v in evidence.items() if v is not None}
+    if len(set(decided.values())) > 1:
+        texts = [c for c, v in decided.items() if not v]
+        lists = [c for c, v in decided.items() if v]
+        raise UserError(
+            f"the columns {_column_list(columns)} mix standard and conversational data: {', '.join(texts)} hold text but "
+            f"{', '.join(lists)} hold lists of messages; a TRL dataset uses text in all of them or messages in all of them"
+        )
+    if kind == "language_modeling":
+        return probe
+    return DataFormat(kind, any(decided.values()), implicit)
 
 
-def require_format(dataset, allowed_kinds: Iterable[str], stage: str, source: str) -> DataFormat:
-    fmt = detect_format(dataset)
-    allowed = list(allowed_kinds)
+def require_format(dataset: datasets.Dataset, allowed_kinds: Iterable[str], stage: str, source: str) -> DataFormat:
+    """detect_format, and a UserError naming the stage, the data's columns and what the stage takes when it does not fit."""
+    allowed = set(allowed_kinds)
+    unknown = allowed - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown format kinds {sorted(unknown)}; kinds are {KINDS}")
+    wanted = _formats_wanted(k for k in KINDS if k in allowed)
+    try:
+        fmt = detect_format(dataset)
+    except UserError as e:
+        raise UserError(f"stage '{stage}' cannot train on {source}: {e}; {stage} expects {wanted}") from None
     if fmt.kind not in allowed:
-        wanted = "; ".join(f"{FORMAT_NAMES[k]} ({FORMAT_COLUMNS[k]})" for k in allowed)
-        raise UserError(f"stage '{stage}' cannot train on {source}: it has columns {dataset.column_names} ({fmt.describe()} format); {stage} expects {wanted}")
+        raise UserError(
+            f"stage '{stage}' cannot train on {source}: it has columns {_column_list(dataset.column_names)} "
+            f"({fmt.describe()} format); {stage} expects {wanted}"
+        )
     return fmt
 
 
-def _check_text(value, where: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: expected non-empty text, got {value!r}")
+def _first(mask) -> int | None:
+    """Index of the first True in a boolean Arrow array or numpy array (nulls count as False)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+        mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
 
 
-def _check_messages(value, where: str, allow_empty: bool = False) -> None:
-    if not isinstance(value, list) or (not value and not allow_empty):
-        raise UserError(f"{where}: expected a non-empty list of messages {{role, content}}, got {value!r}")
-    for j, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise UserError(f"{where}, message {j}: expected a {{role, content}} dict, got {message!r}")
-        if message["role"] not in ROLES:
-            raise UserError(f"{where}, message {j}: unknown role {message['role']!r}; roles are {sorted(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise UserError(f"{where}, message {j}: content must be text, got {message['content']!r}")
+def _check_text(values: pa.Array, column: str, offset: int, source: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def fail(i: int) -> None:
+        raise UserError(f"{source}, row {offset + i}, column '{column}': expected non-empty text, got {_short(values[i].as_py())}")
+
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        fail(0)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+    bad = _first(pc.or_kleene(values.is_null(), blank))
+    if bad is not None:
+        fail(bad)
 
 
-def validate_rows(dataset, fmt: DataFormat, source: str) -> None:
-    """Every row has what its format needs: text where text is needed, well-formed messages, known roles."""
-    columns = {
-        "language_modeling": ["messages"] if fmt.conversational else ["text"],
-        "prompt_only": ["prompt"],
-        "prompt_completion": ["prompt", "completion"],
-        "preference": (["chosen", "rejected"] if fmt.implicit_prompt else ["prompt", "chosen", "rejected"]),
-    }[fmt.kind]
-    check = _check_messages if fmt.conversational else _check_text
-    for column in columns:
-        for i, value in enumerate(dataset[column]):
-            check(value, f"{source}, row {i}, column '{column}'")
-    if fmt.conversational and fmt.kind in ("prompt_completion", "preference"):
-        for column in [c for c in columns if c != "prompt"]:
-            for i, value in enumerate(dataset[column]):
-                if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
-                    raise UserError(f"{source}, row {i}, column '{column}': expected an assistant message with content")
+def _check_messages(values: pa.Array, column: str, offset: int, source: str, needs_answer: bool) -> None:
+    """Each row a non-empty list of {role, content} dicts with a known role and text content, checked column-wise."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    where = lambda i: f"{source}, row {offset + i}, column '{column}'"  # noqa: E731
+    expected_list = "a non-empty list of {role, content} messages"
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+        raise UserError(f"{where(0)}: expected {expected_list}, got {_short(values[0].as_py())}")
+    lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
+    bad = _first(values.is_null().to_numpy(zero_copy_only=False) | (lengths == 0))
+    if bad is not None:
+        raise UserError(f"{where(bad)}: expected {expected_list}, got {_short(values[bad].as_py())}")
+    messages = pc.list_flatten(values)
+    rows = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+
+    def fail(j: int, problem: str) -> None:
+        i = int(rows[j])
+        raise UserError(f"{where(i)}, message {j - int(starts[i])}: {problem}, got {_short(messages[j].as_py())}")
+
+    struct = messages.type
+    if not pa.types.is_struct(struct) or struct.get_field_index("role") < 0 or struct.get_field_index("content") < 0:
+        fail(0, "expected a {role, content} dict")
+    bad = _first(messages.is_null())
+    if bad is not None:
+        fail(bad, "expected a {role, content} dict")
+    role, content = pc.struct_field(messages, "role"), pc.struct_field(messages, "content")
+    if not pa.types.is_string(role.type) and not pa.types.is_large_string(role.type):
+        fail(0, f"expected a role among {', '.join(ROLES)}")
+    bad = _first(pc.invert(pc.is_in(role, value_set=pa.array(ROLES))).fill_null(True))
+    if bad is not None:
+        fail(bad, f"unknown role {role[bad].as_py()!r}; expected one of {', '.join(ROLES)}")
+    if not pa.types.is_string(content.type) and not pa.types.is_large_string(content.type):
+        fail(0, "expected text content")
+    bad = _first(content.is_null())
+    if bad is not None:
+        fail(bad, "expected text content")
+    if needs_answer:
+        answered = pc.and_(pc.equal(role, "assistant"), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(content)), 0))
+        has_answer = np.zeros(len(values), dtype=bool)
+        has_answer[rows[answered.to_numpy(zero_copy_only=False)]] = True
+        bad = _first(~has_answer)
+        if bad is not None:
+            raise UserError(f"{where(bad)}: expected an assistant message with non-empty content, got {_short(values[bad].as_py())}")
+
+
+def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> None:
+    """Every row has what its format needs: non-empty text, well-formed messages, known roles, an answer.
+
+    Checks whole columns with Arrow compute in batches (100k rows take well under a second);
+    the first bad row is named by its index in `dataset`, with its column and what was expected.
+    """
+    missing = [c for c in fmt.columns if c not in dataset.column_names]
+    if missing:
+        raise UserError(f"{source} lacks column {', '.join(missing)} of the {fmt.describe()} format; its columns are {_column_list(dataset.column_names)}")
+    offset = 0
+    for batch in dataset.select_columns(list(fmt.columns)).with_format("arrow").iter(batch_size=VALIDATE_BATCH_ROWS):
+        for column in fmt.columns:
+            values = batch.column(column).combine_chunks()
+            if fmt.conversational:
+                _check_messages(values, column, offset, source, needs_answer=column in ANSWER_COLUMNS)
+            else:
+                _check_text(values, column, offset, source)
+        offset += batch.num_rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenisation for pretraining
 
 
-def tokenize_and_pack(ds, tokenizer, block_size: int, num_proc: int = 1):
-    """Documents as BOS + ids + EOS, concatenated and cut into rows of block_size + 1 tokens.
+def _pack_fingerprint(ds, tokenizer, width: int) -> str:
+    """Cache key of the packed data: the input data's fingerprint, the tokenizer's exact content, the block width.
 
-    The +1 gives each row its inputs [:-1] and shifted targets [1:]. datasets caches the result next
-    to file-backed data, so a second run with the same data and tokenizer skips the work.
+    Explicit, because datasets' own hash of the map function pickles the tokenizer object, whose
+    pickle also carries incidental state (the folder it was loaded from, padding settings).
     """
+    material = json.dumps([PACK_VERSION, ds._fingerprint, width, tokenizer.bos_token_id, tokenizer.eos_token_id])
+    digest = hashlib.sha256(material.encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    return digest.hexdigest()[:32]
+
+
+def tokenize_and_pack(ds: datasets.Dataset, tokenizer, block_size: int, num_proc: int = 1) -> datasets.Dataset:
+    """Documents as BOS + ids + EOS, concatenated and cut into `input_ids` rows of block_size + 1 tokens.
+
+    The +1 gives each row its inputs [:-1] and shifted targets [1:]. The tail that does not fill a
+    block is dropped. For file-backed data, datasets keeps the result next to the data's Arrow files,
+    so a second run with the same data and tokenizer reads it instead of tokenizing again.
+    """
+    import numpy as np
+
+    if block_size < 1:
+        raise UserError(f"block_size={block_size} must be at least 1")
+    if "text" not in ds.column_names:
+        raise UserError(f"packing for pretraining needs a 'text' column; the data has columns {_column_list(ds.column_names)}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise UserError("the tokenizer has no BOS or EOS token; load it with pipeline.tokenizer.load_tokenizer, which adds them")
     width = block_size + 1
 
     def pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        flat = [t for doc in ids for t in (bos, *doc, eos)]
-        n = len(flat) // width * width
-        return {"input_ids": [flat[i : i + width] for i in range(0, n, width)]}
+        flat: list[int] = []
+        for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+            flat.append(bos)
+            flat.extend(ids)
+            flat.append(eos)
+        usable = len(flat) // width * width
+        return {"input_ids": np.asarray(flat[:usable], dtype=np.int32).reshape(-1, width)}
 
-    packed = ds.map(pack, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None, remove_columns=ds.column_names, desc="tokenising and packing")
+    packed = ds.map(
+        pack,
+        batched=True,
+        batch_size=PACK_BATCH_ROWS,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=ds.column_names,
+        new_fingerprint=_pack_fingerprint(ds, tokenizer, width),
+        desc="tokenizing and packing",
+    )
     if len(packed) == 0:
-        total = sum(len(d) + 2 for d in tokenizer(ds["text"][:1000], add_special_tokens=False)["input_ids"])
-        raise UserError(f"the data holds about {total} tokens, fewer than one block of {width} (model.block_size + 1); use more text or a smaller block")
+        total = sum(len(ids) + 2 for ids in tokenizer(list(ds["text"]), add_special_tokens=False)["input_ids"])
+        split = f" ({ds.split} split)" if getattr(ds, "split", None) else ""
+        raise UserError(
+            f"the data{split} holds {total} tokens (with BOS and EOS per document), fewer than one block of "
+            f"{width} tokens (block_size={block_size} + 1); use more text or a smaller block size"
+        )
     return packed

@@ -146,3 +146,14 @@ def test_preference_file_given_to_sft_is_refused(tmp_path, pipeline_runs):
     prefs.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(10)))
     result = run_pipeline("stage=sft", f"data.path={prefs}", "logger=csv", root=pipeline_runs, check=False)
     assert result.returncode == 2 and "stage 'sft' cannot train on" in result.stderr and "preference" in result.stderr
+
+
+def test_sft_and_reward_under_two_process_ddp(pipeline_runs):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
+    run_pipeline("stage=sft", *ddp, "data.batch_size=4", "eval.num_prompts=4", "eval.max_new_tokens=4", "logger=csv", root=pipeline_runs, timeout=600)
+    run_pipeline("stage=reward", *ddp, "data.batch_size=4", "logger=csv", root=pipeline_runs, timeout=600)
+    for stage in ("sft", "reward"):
+        runs = [d for d in (pipeline_runs / stage).iterdir() if "trainer=ddp" in (d / ".hydra" / "overrides.yaml").read_text()]
+        assert len(runs) == 1
+        metrics = json.loads((runs[0] / "metrics.json").read_text())
+        assert metrics["train/steps"] == 4
