@@ -44,6 +44,7 @@ SPLIT_NAMES = {
 }
 _SPLIT_FILE = re.compile(r"^(" + "|".join(sorted(SPLIT_NAMES, key=len, reverse=True)) + r")(?=$|[-_.])", re.IGNORECASE)
 ROLES = ("system", "user", "assistant")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")  # separates paragraphs in a .txt file
 KINDS = ("language_modeling", "prompt_only", "prompt_completion", "preference")
 FORMAT_NAMES = {
     "language_modeling": "language modeling",
@@ -134,15 +135,19 @@ def _stdlib_files() -> list[Path]:
 def _docstrings(node: ast.AST, qualname: str) -> Iterator[tuple[str, str]]:
     """(qualified name, docstring) of a module, class or function and of every one defined inside it.
 
-    Definitions nested in if/try/with blocks count too; they take the name of their enclosing scope.
+    Only statement bodies are walked (definitions cannot hide in expressions), which keeps this fast;
+    definitions nested in if/try/with blocks count and take the name of their enclosing scope.
     """
     if isinstance(node, _DOCUMENTED):
         doc = ast.get_docstring(node, clean=True)
         if doc:
             yield qualname, doc
-    for child in ast.iter_child_nodes(node):
-        named = isinstance(child, _DOCUMENTED) and not isinstance(child, ast.Module)
-        yield from _docstrings(child, f"{qualname}.{child.name}" if named else qualname)
+    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+        for child in getattr(node, field, None) or ():
+            if isinstance(child, _DOCUMENTED):
+                yield from _docstrings(child, f"{qualname}.{child.name}")
+            elif isinstance(child, ast.AST):
+                yield from _docstrings(child, qualname)
 
 
 def _corpus_documents() -> list[tuple[str, str]]:
@@ -243,14 +248,19 @@ def _split_of(file: Path) -> str | None:
 
 
 def _has_blank_line(file: Path, chunk_chars: int = 1 << 20) -> bool:
-    blank = re.compile(r"\n[ \t\r]*\n")
     tail = ""
-    with file.open(encoding="utf-8", errors="replace") as f:
+    with file.open(encoding="utf-8", errors="replace") as f:  # text mode: \r\n reads as \n
         while chunk := f.read(chunk_chars):
-            if blank.search(tail + chunk):
+            if _BLANK_LINE.search(tail + chunk):
                 return True
             tail = chunk[-64:]  # a blank line may straddle two chunks
     return False
+
+
+def _tidy_paragraphs(batch: dict) -> dict:
+    """The text builder splits only at exactly "\n\n": also split at lines holding just spaces, trim, drop blanks."""
+    paragraphs = (p.lstrip("\n").rstrip() for text in batch["text"] for p in _BLANK_LINE.split(text))
+    return {"text": [p for p in paragraphs if p.strip()]}
 
 
 def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None):
@@ -268,7 +278,7 @@ def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None
     if builder == "csv":
         # Every TRL column is text: read all as strings, or a completion "4" would become the number 4.
         first = next(f for fs in files.values() for f in fs)
-        with first.open(newline="", encoding="utf-8", errors="replace") as f:
+        with first.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: drop a BOM, as pandas does
             header = next(csv.reader(f), [])
         if header:
             options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
@@ -282,9 +292,7 @@ def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None
     except Exception as e:  # datasets raises many types for an unreadable file; all mean the same to the user
         raise UserError(f"cannot read {source} as {builder} ({_reason(e)}); expected a {'/'.join(sorted(k for k, v in FILE_TYPES.items() if v == builder))} file in one of TRL's dataset formats") from None
     if builder == "text":
-        # The text builder keeps blank-only paragraphs and newlines left over from runs of blank lines.
-        ds = ds.map(lambda b: {"text": [t.strip("\n") for t in b["text"]]}, batched=True, desc="trimming paragraphs")
-        ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, desc="dropping blank paragraphs")
+        ds = ds.map(_tidy_paragraphs, batched=True, remove_columns=["text"], desc="splitting paragraphs")
     for split, part in ds.items():
         if len(part) == 0:
             names = ", ".join(str(f) for f in files[split])
@@ -407,8 +415,8 @@ def _holds_messages(arrow_type) -> bool | None:
     """True for a list column (conversational), False for anything else, None for an all-null column (no evidence)."""
     import pyarrow as pa
 
-    if pa.types.is_null(arrow_type):
-        return None
+    if pa.types.is_null(arrow_type) or isinstance(arrow_type, pa.ExtensionType):
+        return None  # all nulls, or datasets' Json type for values of mixed shapes: no evidence either way
     return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
 
 
@@ -453,8 +461,8 @@ def detect_format(dataset: datasets.Dataset) -> DataFormat:
         texts = [c for c, v in decided.items() if not v]
         lists = [c for c, v in decided.items() if v]
         raise UserError(
-            f"the columns {_column_list(columns)} mix standard and conversational data: {', '.join(texts)} hold text but "
-            f"{', '.join(lists)} hold lists of messages; a TRL dataset uses text in all of them or messages in all of them"
+            f"the columns {_column_list(columns)} mix standard and conversational data: text in {', '.join(texts)} but "
+            f"lists of messages in {', '.join(lists)}; a TRL dataset has text in all of them or messages in all of them"
         )
     if kind == "language_modeling":
         return probe
@@ -480,98 +488,112 @@ def require_format(dataset: datasets.Dataset, allowed_kinds: Iterable[str], stag
     return fmt
 
 
-def _first(mask) -> int | None:
-    """Index of the first True in a boolean Arrow array or numpy array (nulls count as False)."""
-    import numpy as np
+def _text_problem(value) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return None
+    return f"expected non-empty text, got {_short(value)}"
+
+
+def _messages_problem(value, needs_answer: bool) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"expected a non-empty list of {{role, content}} messages, got {_short(value)}"
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"message {j}: expected a {{role, content}} dict, got {_short(message)}"
+        if message["role"] not in ROLES:
+            return f"message {j}: unknown role {message['role']!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"message {j}: expected text content, got {_short(message)}"
+    if needs_answer and not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        return f"expected an assistant message with non-empty content, got {_short(value)}"
+    return None
+
+
+def _is_text_type(arrow_type) -> bool:
     import pyarrow as pa
 
-    if isinstance(mask, (pa.Array, pa.ChunkedArray)):
-        mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
-    hits = np.flatnonzero(mask)
-    return int(hits[0]) if len(hits) else None
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
-def _check_text(values: pa.Array, column: str, offset: int, source: str) -> None:
-    import pyarrow as pa
+def _suspect_text_rows(values: pa.Array):
+    """Boolean numpy mask of rows that are null or blank; None when the column is not plain strings."""
     import pyarrow.compute as pc
 
-    def fail(i: int) -> None:
-        raise UserError(f"{source}, row {offset + i}, column '{column}': expected non-empty text, got {_short(values[i].as_py())}")
-
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        fail(0)
+    if not _is_text_type(values.type):
+        return None
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
-    bad = _first(pc.or_kleene(values.is_null(), blank))
-    if bad is not None:
-        fail(bad)
+    return pc.or_kleene(values.is_null(), blank).fill_null(True).to_numpy(zero_copy_only=False)
 
 
-def _check_messages(values: pa.Array, column: str, offset: int, source: str, needs_answer: bool) -> None:
-    """Each row a non-empty list of {role, content} dicts with a known role and text content, checked column-wise."""
+def _suspect_message_rows(values: pa.Array, needs_answer: bool):
+    """Boolean numpy mask of rows with a malformed message list; None unless the column is list<struct<role, content>> of strings.
+
+    datasets stores messages whose dicts differ in their keys as JSON text (its Json feature); those,
+    and any other layout, take the row-by-row path instead.
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    where = lambda i: f"{source}, row {offset + i}, column '{column}'"  # noqa: E731
-    expected_list = "a non-empty list of {role, content} messages"
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
-        raise UserError(f"{where(0)}: expected {expected_list}, got {_short(values[0].as_py())}")
+        return None
+    struct = values.type.value_type
+    if not pa.types.is_struct(struct) or struct.get_field_index("role") < 0 or struct.get_field_index("content") < 0:
+        return None
+    if not (_is_text_type(struct.field("role").type) and _is_text_type(struct.field("content").type)):
+        return None
     lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
-    bad = _first(values.is_null().to_numpy(zero_copy_only=False) | (lengths == 0))
-    if bad is not None:
-        raise UserError(f"{where(bad)}: expected {expected_list}, got {_short(values[bad].as_py())}")
+    suspect = values.is_null().to_numpy(zero_copy_only=False) | (lengths == 0)
     messages = pc.list_flatten(values)
     rows = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-
-    def fail(j: int, problem: str) -> None:
-        i = int(rows[j])
-        raise UserError(f"{where(i)}, message {j - int(starts[i])}: {problem}, got {_short(messages[j].as_py())}")
-
-    struct = messages.type
-    if not pa.types.is_struct(struct) or struct.get_field_index("role") < 0 or struct.get_field_index("content") < 0:
-        fail(0, "expected a {role, content} dict")
-    bad = _first(messages.is_null())
-    if bad is not None:
-        fail(bad, "expected a {role, content} dict")
     role, content = pc.struct_field(messages, "role"), pc.struct_field(messages, "content")
-    if not pa.types.is_string(role.type) and not pa.types.is_large_string(role.type):
-        fail(0, f"expected a role among {', '.join(ROLES)}")
-    bad = _first(pc.invert(pc.is_in(role, value_set=pa.array(ROLES))).fill_null(True))
-    if bad is not None:
-        fail(bad, f"unknown role {role[bad].as_py()!r}; expected one of {', '.join(ROLES)}")
-    if not pa.types.is_string(content.type) and not pa.types.is_large_string(content.type):
-        fail(0, "expected text content")
-    bad = _first(content.is_null())
-    if bad is not None:
-        fail(bad, "expected text content")
+    bad_message = pc.or_kleene(
+        pc.or_kleene(messages.is_null(), pc.invert(pc.is_in(role, value_set=pa.array(ROLES)))),
+        content.is_null(),
+    ).fill_null(True)
+    suspect[rows[bad_message.to_numpy(zero_copy_only=False)]] = True
     if needs_answer:
-        answered = pc.and_(pc.equal(role, "assistant"), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(content)), 0))
-        has_answer = np.zeros(len(values), dtype=bool)
-        has_answer[rows[answered.to_numpy(zero_copy_only=False)]] = True
-        bad = _first(~has_answer)
-        if bad is not None:
-            raise UserError(f"{where(bad)}: expected an assistant message with non-empty content, got {_short(values[bad].as_py())}")
+        answers = pc.and_(pc.equal(role, "assistant"), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(content)), 0))
+        answered = np.zeros(len(values), dtype=bool)
+        answered[rows[answers.fill_null(False).to_numpy(zero_copy_only=False)]] = True
+        suspect |= ~answered
+    return suspect
 
 
 def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> None:
     """Every row has what its format needs: non-empty text, well-formed messages, known roles, an answer.
 
-    Checks whole columns with Arrow compute in batches (100k rows take well under a second);
-    the first bad row is named by its index in `dataset`, with its column and what was expected.
+    Whole columns are screened with Arrow compute in batches (100k rows take well under a second);
+    the rows it flags, and columns Arrow cannot screen, are checked in Python, which words the
+    error: the row's index in `dataset`, the column, and what was expected.
     """
     missing = [c for c in fmt.columns if c not in dataset.column_names]
     if missing:
         raise UserError(f"{source} lacks column {', '.join(missing)} of the {fmt.describe()} format; its columns are {_column_list(dataset.column_names)}")
-    offset = 0
-    for batch in dataset.select_columns(list(fmt.columns)).with_format("arrow").iter(batch_size=VALIDATE_BATCH_ROWS):
+    view = dataset.select_columns(list(fmt.columns))
+    arrow_view = view.with_format("arrow")
+    for start in range(0, len(view), VALIDATE_BATCH_ROWS):
+        stop = min(start + VALIDATE_BATCH_ROWS, len(view))
+        batch = arrow_view[start:stop]
         for column in fmt.columns:
+            needs_answer = column in ANSWER_COLUMNS
             values = batch.column(column).combine_chunks()
             if fmt.conversational:
-                _check_messages(values, column, offset, source, needs_answer=column in ANSWER_COLUMNS)
+                suspect = _suspect_message_rows(values, needs_answer)
+                problem_of = lambda value: _messages_problem(value, needs_answer)  # noqa: E731
             else:
-                _check_text(values, column, offset, source)
-        offset += batch.num_rows
+                suspect = _suspect_text_rows(values)
+                problem_of = _text_problem
+            if suspect is None:  # a layout Arrow cannot screen: decode the batch and check every row
+                candidates = enumerate(view[start:stop][column])
+            else:
+                candidates = ((int(i), view[start + int(i)][column]) for i in suspect.nonzero()[0])
+            for i, value in candidates:
+                problem = problem_of(value)
+                if problem:
+                    # Problems with one message read "message j: ...", which continues the location.
+                    joint = ", " if problem.startswith("message ") else ": "
+                    raise UserError(f"{source}, row {start + i}, column '{column}'{joint}{problem}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig, generate, pad_vocab
 from pipeline.tokenizer import cached_tokenizer, load_tokenizer
-from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, finish, log_table, resume_checkpoint
+from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, datasets_cache, finish, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def load_corpus(cfg: DictConfig) -> tuple[object, str]:
     else:
         source = str(data_lib.materialize(data_lib.embedded_corpus_rows(seed=0), cache / EMBEDDED_CORPUS))
     columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
-    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
     fmt = data_lib.require_format(ds["train"], {"language_modeling"}, "pretrain", source)
     if fmt.conversational:
         raise UserError(f"stage 'pretrain' trains on plain text (a `text` column); {source} holds conversations (`messages`): use stage=sft for those")

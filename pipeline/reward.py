@@ -30,7 +30,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import left_pad, prompt_ids
 from pipeline.model import GPTConfig, ScalarGPT, last_token_index
 from pipeline.sft import encode_ids, render
-from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, finish, resume_checkpoint
+from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, datasets_cache, finish, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def score_sequences(model: ScalarGPT, sequences: list[list[int]], pad_id: int, b
 def reference_sequences(cfg: DictConfig, tokenizer, pairs_val, fmt, max_len: int) -> tuple[list[list[int]], str]:
     """Sequences whose mean score becomes the RM's zero: reference answers of the embedded task, else chosen responses."""
     if not cfg.data.path:
-        sft_val = data_lib.load_data(str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "sft")))["validation"]
+        sft_val = data_lib.load_data(str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "sft")), cache_dir=datasets_cache(cfg))["validation"]
         seqs = [encode_ids(tokenizer, render(tokenizer, row["messages"]))[:max_len] for row in sft_val]
         return seqs, "embedded task reference answers (sft validation)"
     return [list(s) for s in pairs_val["chosen_ids"]], "chosen responses of the validation split"
@@ -174,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     base, tokenizer, payload, start_path = runs.load_start(cfg.init_from, "reward", Path(cfg.paths.root), cls=ScalarGPT, dropout=cfg.model.dropout)
     source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "preference"))
     columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
-    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
     fmt = data_lib.require_format(ds["train"], {"preference"}, "reward", source)
     for split in ds:
         data_lib.validate_rows(ds[split], fmt, f"{source} [{split}]")

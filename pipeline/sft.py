@@ -24,7 +24,7 @@ from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.evaluate import gold_eval
 from pipeline.pretrain import PretrainModule
-from pipeline.training import Batches, Throughput, build_trainer, finish, is_global_zero, log_table, resume_checkpoint
+from pipeline.training import Batches, Throughput, build_trainer, datasets_cache, finish, is_global_zero, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ SFT_FORMATS = {"language_modeling", "prompt_completion"}
 def load_sft_data(cfg: DictConfig):
     source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "sft"))
     columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
-    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
     fmt = data_lib.require_format(ds["train"], SFT_FORMATS, "sft", source)
     for split in ds:
         data_lib.validate_rows(ds[split], fmt, f"{source} [{split}]")
@@ -160,7 +160,7 @@ def gold_prompts(cfg: DictConfig) -> list | None:
     if not use:
         return None
     path = data_lib.embedded_task(Path(cfg.paths.cache_dir), "prompts")
-    test = data_lib.load_data(str(path))["test"]
+    test = data_lib.load_data(str(path), cache_dir=datasets_cache(cfg))["test"]
     return [row["prompt"] for row in test.select(range(min(cfg.eval.num_prompts, len(test))))]
 
 

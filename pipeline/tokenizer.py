@@ -177,7 +177,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def cache_key(key: str, vocab_size: int) -> str:
+def _cache_key(key: str, vocab_size: int) -> str:
     """Short hash naming a cached tokenizer; our special tokens and template are part of it, so changing them retrains."""
     material = "\n".join([key, str(vocab_size), *SPECIAL_TOKENS, CHAT_TEMPLATE])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -191,7 +191,7 @@ def cached_tokenizer(
     The trained tokenizer is saved and read back, so a fresh run and a cached run use byte-identical
     tokenizers (and datasets' map fingerprints over them agree).
     """
-    directory = Path(cache_dir) / f"tokenizer-{cache_key(key, vocab_size)}"
+    directory = Path(cache_dir) / f"tokenizer-{_cache_key(key, vocab_size)}"
     if not (directory / "tokenizer.json").is_file():
         tok = train_tokenizer(texts_fn(), vocab_size)
         try:

@@ -147,6 +147,11 @@ class Batches(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
 
+def datasets_cache(cfg: DictConfig) -> str:
+    """Where `datasets` keeps its Arrow files and map caches: under the outputs cache, not the home folder."""
+    return str(Path(cfg.paths.cache_dir) / "datasets")
+
+
 def is_global_zero() -> bool:
     """Rank 0 before a Trainer exists (DDP child processes carry their rank in the environment)."""
     from lightning.pytorch.utilities import rank_zero_only

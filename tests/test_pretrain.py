@@ -84,6 +84,8 @@ def test_pretrain_runs_and_writes_its_run_directory(corpus, outputs_root):
     history = logged_metrics(records)
     assert len(history["train/loss"]) >= 10 and all(math.isfinite(v) for v in history["train/loss"])
     assert history["val/loss"][-1] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    assert history["samples/pretrain/_type"][-1] == "table-file"  # sample generations, as a W&B table
+    assert history["samples/pretrain/nrows"][-1] == 2
     logged = artifacts(records)
     assert {a.type for a in logged} >= {"model"}
     names = [a.name for a in logged]
