@@ -1,0 +1,605 @@
+"""Stage 4, PPO: reinforcement learning from the reward model (RLHF).
+
+    python -m pipeline stage=ppo                                        # newest SFT and reward runs
+    python -m pipeline stage=ppo ppo.kl_coef=0 ppo.adaptive_kl=false    # no KL leash: watch reward hacking
+
+Four models on the shared backbone: the actor (policy, from SFT), the critic (value head, from the
+reward model), and the frozen reference (SFT) and reward model. Every iteration samples responses
+to a batch of prompts with the KV-cache sampler, scores them, turns scores and per-token KL into
+rewards, estimates advantages with GAE, and runs a few epochs of clipped PPO updates over
+minibatches. The details that decide whether RLHF works are those of "The N Implementation Details
+of RLHF with PPO": dropout off, EOS truncation and a missing-EOS penalty, log-probs under the
+sampling temperature, KL in the reward, score on the last token only, a normalised RM, value model
+from the RM, whitened advantages, clipped value loss. Metric names follow TRL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from pipeline import data as data_lib
+from pipeline import runs
+from pipeline.errors import UserError
+from pipeline.evaluate import left_pad, prompt_ids, prompt_text
+from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, last_token_index, token_logprobs
+from pipeline.training import build_trainer, datasets_cache, finish, is_global_zero, log_table, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic of PPO, on right-padded (B, N) response tensors with a 0/1 mask.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean (unless shift_mean is False, which keeps the mean) and unit variance over masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation backwards over each response; padding contributes nothing.
+
+    values[t] is V(state before token t), rewards[t] the reward for token t. Returns (advantages,
+    returns = advantages + values).
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.size(0), device=rewards.device, dtype=rewards.dtype)
+    N = rewards.size(1)
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]  # padding positions carry nothing back
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    k1 = log r (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with
+    r' = p_ref / p_policy (unbiased and never negative); r = p_policy / p_ref.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise UserError(f"ppo.kl_estimator must be k1, k2 or k3, not {kind!r}")
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, mask, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate; returns (loss, fraction of tokens clipped, approximate KL old->new)."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clipfrac, approxkl
+
+
+def value_loss(new_values, old_values, returns, mask, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: the worse of the plain and the clipped squared error (as in PPO2)."""
+    clipped_values = old_values + torch.clamp(new_values - old_values, -clip, clip)
+    plain = (new_values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(plain, clipped), mask)
+    clipfrac = masked_mean((clipped > plain).float(), mask)
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class FixedKLController:
+    def __init__(self, coef: float):
+        self.value = coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): move the coefficient so the KL tracks a target, proportionally, over a horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        super().__init__(coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def truncate_after_eos(tokens: torch.Tensor, mask: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first EOS; pad the rest (the sampler already does this)."""
+    is_eos = tokens == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    keep = mask.bool() & ~after
+    return torch.where(keep, tokens, pad_id), keep.long()
+
+
+def assemble_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -kl_coef * KL at every token, plus the sequence's score on its last token.
+
+    Returns (rewards, per-token kl).
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1) - 1).clamp_min(0).long()
+    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+    return rewards * mask, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# The LightningModule
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # (B, P+N) left-padded prompt + response
+    attention: torch.Tensor  # (B, P+N)
+    prompt_len: int  # P
+    response_mask: torch.Tensor  # (B, N)
+    logprobs: torch.Tensor  # (B, N) under the policy that sampled, temperature applied
+    ref_logprobs: torch.Tensor  # (B, N)
+    values: torch.Tensor  # (B, N)
+    scores: torch.Tensor  # (B,) normalised RM score, penalties applied
+    finished: torch.Tensor  # (B,) ended with EOS
+
+
+class PPOModule(pl.LightningModule):
+    """Actor, critic, frozen reference and reward model; manual optimisation of actor and critic."""
+
+    def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
+        self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
+        self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
+        self.critic = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
+        self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
+        for frozen in (self.reference, self.reward_model):
+            frozen.requires_grad_(False).eval()
+        self.cfg = OmegaConf.create(ppo)
+        kl = self.cfg
+        self.kl_ctl = AdaptiveKLController(kl.kl_coef, kl.target_kl, kl.horizon) if kl.adaptive_kl else FixedKLController(kl.kl_coef)
+        self.prompts: list[list[int]] = []  # token ids of every training prompt (set by the stage)
+        self.eval_prompts: list = []  # held-out prompts (TRL format) for the gold score
+        self.tokenizer = None
+        self.gold_fn = None  # prompt text, response text -> gold score; None where no judge applies
+        self.reward_fn = None  # optional override of the RM (toy rewards in tests): (sequences, attention, response tokens, mask) -> (B,)
+        self.iteration = 0
+        self.history: list[dict] = []  # eval figures over training: the over-optimisation curve
+        self.ema = None
+        self.sample_generator = None
+
+    # -- data ------------------------------------------------------------------------------
+
+    def prompt_batch(self, iteration: int) -> list[list[int]]:
+        """This rank's prompts for an iteration: a seeded permutation, disjoint across ranks, replayable on resume."""
+        B = self.cfg.rollout_batch_size
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        per_epoch = max(1, len(self.prompts) // (B * world))
+        epoch, slot = divmod(iteration, per_epoch)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.hparams.seed * 1000 + epoch))
+        start = (slot * world + rank) * B
+        return [self.prompts[i] for i in order[start : start + B].tolist()]
+
+    def on_fit_start(self) -> None:
+        # Different samples on each rank; the generator's state travels in the checkpoint.
+        if self.sample_generator is None:
+            self.sample_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * self.trainer.global_rank)
+        if self.cfg.ema_decay and self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
+
+    # -- rollout ---------------------------------------------------------------------------
+
+    def score(self, sequences, attention, response, response_mask) -> torch.Tensor:
+        if self.reward_fn is not None:
+            return self.reward_fn(sequences, attention, response, response_mask).float()
+        values = self.reward_model(sequences, attention_mask=attention)  # (B, T)
+        raw = values.gather(1, last_token_index(attention)[:, None]).squeeze(1).float()
+        norm = self.hparams.reward_norm
+        scaled = raw - norm.get("reward_mean", 0.0)
+        if self.cfg.scale_reward_by_std:
+            scaled = scaled / norm.get("reward_std", 1.0)
+        return scaled
+
+    def forward_policy(self, model: GPT, sequences, attention, prompt_len: int, response) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs (under the sampling temperature) of the response tokens, and the logits that gave them."""
+        logits = model(sequences, attention_mask=attention)[:, prompt_len - 1 : -1]  # (B, N, V)
+        return token_logprobs(logits, response, self.cfg.temperature), logits
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        tok_pad, eos = self.hparams.pad_id, self.hparams.eos_id
+        ids, mask = left_pad(prompts, tok_pad, self.device)
+        self.actor.eval()
+        gen = generate(
+            self.actor,
+            ids,
+            mask,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k or None,
+            top_p=self.cfg.top_p if self.cfg.top_p < 1.0 else None,
+            eos_id=eos,
+            pad_id=tok_pad,
+            generator=self.sample_generator,
+        )
+        response, response_mask = truncate_after_eos(gen.tokens, gen.mask, eos, tok_pad)
+        sequences = torch.cat([ids, response], dim=1)
+        attention = torch.cat([mask, response_mask], dim=1)
+        P = ids.size(1)
+        logprobs, _ = self.forward_policy(self.actor, sequences, attention, P, response)
+        ref_logprobs, _ = self.forward_policy(self.reference, sequences, attention, P, response)
+        values = self.critic(sequences, attention_mask=attention)[:, P - 1 : -1].float()
+        scores = self.score(sequences, attention, response, response_mask)
+        finished = gen.finished
+        if self.cfg.missing_eos_penalty:
+            scores = torch.where(finished, scores, scores - self.cfg.missing_eos_penalty)
+        self.actor.train()
+        m = response_mask.float()
+        return Rollout(sequences, attention, P, m, logprobs * m, ref_logprobs * m, values * m, scores, finished)
+
+    # -- one PPO iteration ---------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.cfg
+        if self.iteration >= cfg.iterations:  # a resumed run whose loop replays batches it already did
+            self.trainer.should_stop = True
+            return
+        opt_actor, opt_critic = self.optimizers()
+        started = time.perf_counter()
+        roll = self.rollout(self.prompt_batch(self.iteration))
+        rollout_s = time.perf_counter() - started
+        mask = roll.response_mask
+        rewards, kl = assemble_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(roll.values, rewards, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        if not (torch.isfinite(advantages).all() and torch.isfinite(returns).all()):
+            self.diverged("advantages or returns")
+
+        B = mask.size(0)
+        mb = min(cfg.minibatch_size, B)
+        stats = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "entropy", "vf_clipfrac", "ratio")}
+        update_started = time.perf_counter()
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(self.hparams.seed + self.iteration))
+            for start in range(0, B, mb):
+                idx = order[start : start + mb].to(self.device)
+                seqs, att, m = roll.sequences[idx], roll.attention[idx], mask[idx]
+                response = seqs[:, roll.prompt_len :]
+                new_logprobs, logits = self.forward_policy(self.actor, seqs, att, roll.prompt_len, response)
+                new_values = self.critic(seqs, attention_mask=att)[:, roll.prompt_len - 1 : -1].float()
+                pg, clipfrac, approxkl = policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], m, cfg.clip_ratio)
+                vf, vf_clipfrac = value_loss(new_values, roll.values[idx], returns[idx], m, cfg.value_clip)
+                entropy = masked_mean(entropy_from_logits(logits), m)
+                loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * entropy
+                if not torch.isfinite(loss):
+                    self.diverged("loss")
+                opt_actor.zero_grad()
+                opt_critic.zero_grad()
+                self.manual_backward(loss)  # one backward through actor and critic keeps DDP's gradient sync in one pass
+                self.clip_gradients(opt_actor, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(opt_critic, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                opt_actor.step()
+                opt_critic.step()
+                ratio = masked_mean(torch.exp(new_logprobs.detach() - roll.logprobs[idx]), m)
+                for k, v in (("pg", pg), ("vf", vf), ("clipfrac", clipfrac), ("approxkl", approxkl), ("entropy", entropy), ("vf_clipfrac", vf_clipfrac), ("ratio", ratio)):
+                    stats[k].append(v.detach())
+        schedulers = self.lr_schedulers()
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            sched.step()
+        update_s = time.perf_counter() - update_started
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.actor.state_dict().items():
+                    if v.is_floating_point():
+                        self.ema[k].lerp_(v, 1.0 - cfg.ema_decay)
+
+        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        seq_kl = kl.sum(1).mean()
+        self.kl_ctl.update(float(seq_kl), B * self.trainer.world_size)
+        if float(mean["ratio"]) > cfg.warn_ratio or float(mean["approxkl"]) > cfg.warn_approxkl:
+            log.warning("iteration %d: policy ratio %.3f / approx KL %.4f are large: lower model.lr or raise ppo.kl_coef", self.iteration, float(mean["ratio"]), float(mean["approxkl"]))
+        gen_tokens = float(mask.sum()) * self.trainer.world_size
+        figures = {
+            "objective/kl": seq_kl,
+            "objective/scores": roll.scores.mean(),
+            "objective/rlhf_reward": roll.scores.mean() - self.kl_ctl.value * seq_kl,
+            "objective/non_score_reward": -self.kl_ctl.value * seq_kl,
+            "objective/entropy": (-roll.logprobs).sum(1).mean(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "policy/approxkl_avg": mean["approxkl"],
+            "policy/clipfrac_avg": mean["clipfrac"],
+            "policy/entropy_avg": mean["entropy"],
+            "loss/policy_avg": mean["pg"],
+            "loss/value_avg": mean["vf"],
+            "val/clipfrac_avg": mean["vf_clipfrac"],
+            "val/ratio": mean["ratio"],
+            "val/num_eos_tokens": roll.finished.float().sum(),
+            "val/response_length": mask.sum(1).mean(),
+            "time/rollout_s": rollout_s,
+            "time/update_s": update_s,
+            "perf/gen_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
+        }
+        self.log_dict({k: float(v) for k, v in figures.items()})
+        self.iteration += 1
+        if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
+            self.evaluate()
+        if self.iteration % cfg.save_every == 0:
+            self.save_last()
+
+    def diverged(self, what: str) -> None:
+        raise UserError(
+            f"PPO diverged at iteration {self.iteration}: non-finite {what}. The last good checkpoint is kept "
+            f"(checkpoints/last.ckpt); lower model.lr, raise ppo.kl_coef or lower ppo.clip_ratio"
+        )
+
+    def save_last(self) -> None:
+        """Checkpoint at an iteration boundary, atomically: a kill leaves the previous or the new file."""
+        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        tmp = path.with_name(".last.ckpt.tmp")
+        self.trainer.save_checkpoint(tmp)
+        if self.trainer.is_global_zero:
+            os.replace(tmp, path)
+        self.trainer.strategy.barrier()
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def answer(self, prompts: list) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Greedy answers, their normalised RM scores and their KL to the reference (summed k1)."""
+        tok = self.tokenizer
+        ids, mask = left_pad([prompt_ids(tok, p) for p in prompts], self.hparams.pad_id, self.device)
+        gen = generate(self.actor, ids, mask, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0, eos_id=self.hparams.eos_id, pad_id=self.hparams.pad_id)
+        response, rmask = truncate_after_eos(gen.tokens, gen.mask, self.hparams.eos_id, self.hparams.pad_id)
+        seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
+        lp, _ = self.forward_policy(self.actor, seqs, att, ids.size(1), response)
+        ref, _ = self.forward_policy(self.reference, seqs, att, ids.size(1), response)
+        kl = ((lp - ref) * rmask).sum(1)
+        scores = self.score(seqs, att, response, rmask)
+        texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
+        self.actor.train()
+        return texts, scores, kl
+
+    def evaluate(self) -> dict:
+        if not self.eval_prompts or self.tokenizer is None:
+            return {}
+        texts, scores, kl = self.answer(self.eval_prompts)
+        point = {"iteration": self.iteration, "eval/rm_score": float(scores.mean()), "eval/kl": float(kl.mean())}
+        golds = []
+        if self.gold_fn is not None:
+            golds = [self.gold_fn(prompt_text(p), t) for p, t in zip(self.eval_prompts, texts)]
+            point["eval/gold_score"] = sum(golds) / len(golds)
+        self.history.append(point)
+        trainer = self._trainer
+        if trainer is not None and trainer.training:
+            self.log_dict({k: v for k, v in point.items() if k != "iteration"}, sync_dist=False)
+            rows = [[prompt_text(p), t, float(s), (golds[i] if golds else float("nan")), float(k)] for i, (p, t, s, k) in enumerate(zip(self.eval_prompts, texts, scores, kl))]
+            if trainer.is_global_zero:
+                log_table(trainer.logger, "samples/ppo", ["prompt", "response", "rm score", "gold score", "kl"], rows[:32])
+        log.info("eval at iteration %d: %s", self.iteration, {k: round(v, 4) for k, v in point.items() if k != "iteration"})
+        return point
+
+    # -- optimisers and checkpoint state ----------------------------------------------------
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        fused = torch.cuda.is_available() and next(self.actor.parameters()).is_cuda
+        actor = torch.optim.AdamW(decay_param_groups(self.actor, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
+        critic = torch.optim.AdamW(decay_param_groups(self.critic, o["weight_decay"]), lr=self.cfg.critic_lr, betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
+        total = self.cfg.iterations
+        decay = lambda it: max(0.0, 1.0 - it / max(1, total)) if self.cfg.anneal_lr else 1.0  # noqa: E731
+        return [actor, critic], [torch.optim.lr_scheduler.LambdaLR(actor, decay), torch.optim.lr_scheduler.LambdaLR(critic, decay)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo_state"] = {
+            "iteration": self.iteration,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "history": self.history,
+            "sample_generator": self.sample_generator.get_state() if self.sample_generator is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+            "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],  # plain lists: checkpoints load with weights_only
+            "ema": self.ema,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["ppo_state"]
+        self.iteration = state["iteration"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.history = state["history"]
+        self.ema = state["ema"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self._generator_state = state["sample_generator"]
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_generator_state", None)
+        if state is not None:
+            self.sample_generator.set_state(state.to(self.sample_generator.device) if self.sample_generator.device.type != "cpu" else state)
+            self._generator_state = None
+
+
+class Iterations(torch.utils.data.Dataset):
+    """Drives the loop: item i is PPO iteration i (the prompts themselves are chosen by the module)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list[int]], list, str]:
+    """Training prompts (as token ids) and held-out prompts (as TRL prompts) through the shared loader."""
+    source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "prompts"))
+    columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
+    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
+    fmt = data_lib.require_format(ds["train"], {"prompt_only", "prompt_completion", "preference"}, "ppo", source)
+    if fmt.implicit_prompt:
+        raise UserError(f"stage 'ppo' needs explicit prompts; {source} has implicit-prompt preference data")
+    for split in ds:
+        data_lib.validate_rows(ds[split].select_columns(["prompt"]), data_lib.DataFormat("prompt_only", fmt.conversational), f"{source} [{split}]")
+    prompts = []
+    for i, p in enumerate(ds["train"]["prompt"]):
+        ids = prompt_ids(tokenizer, p)
+        if len(ids) > max_prompt:
+            raise UserError(f"{source} [train], row {i}: the prompt has {len(ids)} tokens; with ppo.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
+        prompts.append(ids)
+    held_out = ds["test"] if "test" in ds else ds["validation"]
+    eval_prompts = [held_out[i]["prompt"] for i in range(min(cfg.ppo.eval_prompts, len(held_out)))]
+    return prompts, eval_prompts, source
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    root = Path(cfg.paths.root)
+    actor, tokenizer, _, actor_path = runs.load_start(cfg.init_from, "ppo", root)
+    reward_path = runs.model_file(Path(cfg.reward_from)) if cfg.reward_from else None
+    if reward_path is None:
+        newest = runs.newest_finished_run(root, "reward")
+        if newest is None:
+            raise UserError(f"stage 'ppo' needs a finished reward run and {root / 'reward'} holds none: run `python -m pipeline stage=reward` first, or pass reward_from=PATH")
+        reward_path = newest / runs.MODEL_FILE
+    reward_payload = runs.load_model_payload(reward_path)
+    if reward_payload.get("kind") != "scalar":
+        raise UserError(f"reward_from={reward_path} is not a reward model (its model.pt has kind {reward_payload.get('kind')!r})")
+    reward_model = runs.build_model(reward_payload, ScalarGPT, reward_path)
+    max_prompt = actor.config.block_size - cfg.ppo.max_new_tokens
+    prompts, eval_prompts, source = load_prompts(cfg, tokenizer, max_prompt)
+
+    module = PPOModule(
+        actor_config=actor.config.to_dict(),
+        reward_config=reward_model.config.to_dict(),
+        ppo=OmegaConf.to_container(cfg.ppo, resolve=True),
+        optim=OmegaConf.to_container(cfg.model, resolve=True),
+        reward_norm={k: v for k, v in reward_payload.get("extra", {}).items() if isinstance(v, (int, float))},
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        seed=cfg.seed,
+    )
+    module.actor.load_state_dict(actor.state_dict())
+    module.reference.load_state_dict(actor.state_dict())
+    module.critic.load_state_dict(reward_model.state_dict())
+    module.reward_model.load_state_dict(reward_model.state_dict())
+    module.prompts, module.eval_prompts, module.tokenizer = prompts, eval_prompts, tokenizer
+    use_gold = cfg.eval.gold if cfg.eval.gold != "auto" else not cfg.data.path
+    if use_gold:
+        from pipeline.task import gold_score
+
+        module.gold_fn = gold_score
+    iterations = int(cfg.ppo.iterations)
+    log.info("ppo: %d prompts from %s; actor %s; reward model %s; %d iterations", len(prompts), source, actor_path, reward_path, iterations)
+
+    trainer, _ = build_trainer(
+        cfg,
+        run_dir,
+        monitor=None,
+        mode="max",
+        max_steps=-1,
+        max_epochs=1,
+        limit_train_batches=iterations,
+        limit_val_batches=0,
+        val_check_interval=1.0,
+        check_val_every_n_epoch=1,
+        gradient_clip_val=None,
+        accumulate_grad_batches=1,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+    )
+    ckpt = resume_checkpoint(cfg, run_dir)
+    start_point = None
+    if ckpt is None and is_global_zero():
+        module.to(trainer.strategy.root_device)
+        start_point = module.evaluate()
+        runs.write_json(run_dir / "ppo_start.json", start_point)
+    loader = DataLoader(Iterations(iterations), batch_size=1, collate_fn=lambda items: items[0])
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    if not trainer.is_global_zero:
+        return {}
+    final_point = module.history[-1] if module.history and module.history[-1]["iteration"] == module.iteration else module.evaluate()
+    start_point = start_point or runs.read_json(run_dir / "ppo_start.json")
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {
+        "stage": "ppo",
+        "data": source,
+        "init_from": str(actor_path),
+        "reward_from": str(reward_path),
+        "train/iterations": module.iteration,
+        "start/rm_score": start_point.get("eval/rm_score"),
+        "final/rm_score": final_point.get("eval/rm_score"),
+        "final/kl": final_point.get("eval/kl"),
+        "objective/kl": logged.get("objective/kl"),
+        "objective/kl_coef": module.kl_ctl.value,
+        "time/rollout_s_per_iteration": logged.get("time/rollout_s"),
+        "time/update_s_per_iteration": logged.get("time/update_s"),
+        "perf/gen_tokens_per_s": logged.get("perf/gen_tokens_per_s"),
+        "history": module.history,
+        "time/total_s": time.time() - started,
+    }
+    if "eval/gold_score" in start_point:
+        metrics["gold/start"] = start_point["eval/gold_score"]
+        metrics["gold/final"] = final_point["eval/gold_score"]
+    policy = module.actor
+    if module.ema is not None:
+        policy = GPT(module.actor.config)
+        policy.load_state_dict(module.ema)
+    finish(run_dir, policy, tokenizer, metrics, trainer, kind="lm", stage="ppo")
+    return metrics

@@ -1,0 +1,193 @@
+"""PPO: the arithmetic against hand-computed values, rollouts, a toy reward that rises, exact resume, guards."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from pipeline.errors import UserError
+from pipeline.model import GPTConfig, generate
+from pipeline.evaluate import left_pad
+from pipeline.ppo import (
+    AdaptiveKLController,
+    Iterations,
+    PPOModule,
+    assemble_rewards,
+    gae,
+    kl_penalty,
+    masked_whiten,
+    policy_loss,
+    truncate_after_eos,
+    value_loss,
+)
+
+PPO_DEFAULTS = OmegaConf.to_container(OmegaConf.load("conf/stage/ppo.yaml")["ppo"])
+
+
+def test_gae_by_hand():
+    values = torch.tensor([[1.0, 2.0], [0.5, 9.0]])
+    rewards = torch.tensor([[0.0, 1.0], [1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # the second response is one token long
+    adv, ret = gae(values, rewards, mask, gamma=1.0, lam=0.95)
+    # Row 0: delta_1 = 1 - 2 = -1; delta_0 = 0 + 2 - 1 = 1; A_0 = 1 + 0.95 * -1.
+    torch.testing.assert_close(adv[0], torch.tensor([0.05, -1.0]))
+    torch.testing.assert_close(ret[0], torch.tensor([1.05, 1.0]))
+    # Row 1: padding adds nothing: A_0 = 1 - 0.5.
+    torch.testing.assert_close(adv[1], torch.tensor([0.5, 0.0]))
+
+
+def test_whitening_over_the_mask_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = masked_whiten(x, mask)
+    assert w[0, 3] == 0
+    assert abs(w[0, :3].mean().item()) < 1e-6 and abs(w[0, :3].var(unbiased=False).item() - 1) < 1e-4
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert kept[0, :3].mean().item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 1)
+    new = torch.log(torch.tensor([[1.5]]))
+    mask = torch.ones(1, 1)
+    loss, clipfrac, approxkl = policy_loss(new, old, torch.ones(1, 1), mask, clip=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0  # ratio 1.5 clipped to 1.2
+    assert approxkl.item() == pytest.approx(0.5 * math.log(1.5) ** 2)
+    loss, clipfrac, _ = policy_loss(new, old, -torch.ones(1, 1), mask, clip=0.2)
+    assert loss.item() == pytest.approx(1.5) and clipfrac.item() == 0.0  # pessimistic side unclipped
+
+
+def test_clipped_value_loss_by_hand():
+    loss, clipfrac = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1), clip=0.2)
+    # Clipped value 0.2: error 0.64 beats the unclipped 0.
+    assert loss.item() == pytest.approx(0.32) and clipfrac.item() == 1.0
+
+
+def test_kl_estimators_by_hand_and_on_samples():
+    lp, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert kl_penalty(lp, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_penalty(lp, ref, "k2").item() == pytest.approx(0.5)
+    assert kl_penalty(lp, ref, "k3").item() == pytest.approx(math.exp(-1.0))
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    true_kl = (p * (p / q).log()).sum().item()
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for kind in ("k1", "k3"):
+        estimate = kl_penalty(p.log()[samples], q.log()[samples], kind).mean().item()
+        assert estimate == pytest.approx(true_kl, rel=0.03), kind
+    assert (kl_penalty(p.log()[samples], q.log()[samples], "k3") >= 0).all()
+    with pytest.raises(UserError, match="k1, k2 or k3"):
+        kl_penalty(lp, ref, "k9")
+
+
+def test_adaptive_kl_moves_towards_the_target():
+    ctl = AdaptiveKLController(0.1, target=4.0, horizon=100)
+    ctl.update(current_kl=8.0, n_steps=10)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl.update(current_kl=1.0, n_steps=10)
+    assert ctl.value < 0.1 * (1 + 0.2 * 10 / 100)
+
+
+def test_rewards_put_the_score_on_the_last_token_and_kl_everywhere():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    lp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]])
+    ref = lp - 0.5
+    rewards, kl = assemble_rewards(torch.tensor([2.0, 3.0]), lp, ref, mask, kl_coef=0.1, kl_estimator="k1")
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.05, 1.95], [2.95, 0.0, 0.0]]))
+    assert kl.sum().item() == pytest.approx(2.0)
+
+
+def test_truncation_after_eos():
+    tokens = torch.tensor([[4, 2, 5, 6], [4, 5, 6, 7]])
+    mask = torch.ones_like(tokens)
+    out, m = truncate_after_eos(tokens, mask, eos_id=2, pad_id=0)
+    assert out.tolist() == [[4, 2, 0, 0], [4, 5, 6, 7]] and m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+# -- the module on a toy problem ------------------------------------------------------------
+
+VOCAB, EOS, PAD, TARGET = 16, 2, 0, 7
+CONFIG = GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32).to_dict()
+
+
+def count_target(sequences, attention, response, response_mask):
+    """Toy reward: how often the response says token 7 (the RM is bypassed)."""
+    return ((response == TARGET) & response_mask.bool()).float().sum(1)
+
+
+def toy_module(**ppo_overrides) -> PPOModule:
+    torch.manual_seed(0)
+    ppo = {**PPO_DEFAULTS, "rollout_batch_size": 32, "minibatch_size": 16, "max_new_tokens": 6, "kl_coef": 0.01, "adaptive_kl": False, "missing_eos_penalty": 0.0, "save_every": 1000, "eval_every": 1000, **ppo_overrides}
+    optim = {"lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95]}
+    module = PPOModule(CONFIG, CONFIG, ppo, optim, reward_norm={}, eos_id=EOS, pad_id=PAD, seed=0)
+    module.reference.load_state_dict(module.actor.state_dict())
+    module.reward_fn = count_target
+    g = torch.Generator().manual_seed(1)
+    module.prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (256,), generator=g)]
+    return module
+
+
+def fit(module: PPOModule, iterations: int, root, ckpt_path=None) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=iterations,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(root),
+    )
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    trainer.fit(module, DataLoader(Iterations(iterations), batch_size=1, collate_fn=lambda items: items[0]), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_rollout_logprobs_equal_the_sampler_and_a_full_forward(tmp_path):
+    module = toy_module(temperature=0.7)
+    fit(module, 1, tmp_path)  # attaches a trainer and a sampling generator
+    prompts = module.prompts[:8]
+    ids, mask = left_pad(prompts, PAD)
+    gen = generate(module.actor, ids, mask, max_new_tokens=6, temperature=0.7, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(3))
+    seqs, att = torch.cat([ids, gen.tokens], 1), torch.cat([mask, gen.mask], 1)
+    recomputed, _ = module.forward_policy(module.actor, seqs, att, ids.size(1), gen.tokens)
+    torch.testing.assert_close(recomputed * gen.mask, gen.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_toy_reward_rises(tmp_path):
+    module = toy_module()
+    fit(module, 30, tmp_path)
+    module.sample_generator.manual_seed(123)
+    after = module.rollout(module.prompts[:64]).scores.mean().item()
+    fresh = toy_module()
+    fresh.sample_generator = torch.Generator().manual_seed(123)
+    start = fresh.rollout(fresh.prompts[:64]).scores.mean().item()
+    assert after > start + 1.0, (start, after)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = toy_module(iterations=6)
+    fit(straight, 6, tmp_path / "a")
+    first = toy_module(iterations=6, save_every=3)
+    fit(first, 3, tmp_path / "b")  # killed after its third iteration's checkpoint
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    resumed = toy_module(iterations=6, save_every=3)
+    fit(resumed, 6, tmp_path / "b", ckpt_path=str(ckpt))
+    assert resumed.iteration == straight.iteration == 6
+    for (name, a), (_, b) in zip(straight.actor.state_dict().items(), resumed.actor.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_non_finite_weights_stop_the_run_with_a_message(tmp_path):
+    module = toy_module()
+    with torch.no_grad():
+        module.critic.score_head.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="PPO diverged at iteration 0"):
+        fit(module, 2, tmp_path)
