@@ -50,6 +50,24 @@ def run_stage(cfg: DictConfig) -> float | None:
     return objective(cfg, metrics)
 
 
+def overrides_for(stage: str, overrides: list[str]) -> list[str]:
+    """The command-line overrides that mean something to a stage: `ppo.kl_coef=0` reaches PPO only.
+
+    Group choices (`model=gpt2`, `trainer=ddp`) and keys every stage has go to all stages; a dotted
+    key goes where the stage's composed config has it.
+    """
+    from hydra import compose
+
+    stage_cfg = compose("config", overrides=[f"stage={stage}"])
+    missing = object()
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "." not in key or OmegaConf.select(stage_cfg, key, default=missing) is not missing:
+            kept.append(override)
+    return kept
+
+
 def run_all(cfg: DictConfig) -> None:
     """Every stage in order, each a child process with the same overrides, chained by init_from.
 
@@ -66,7 +84,7 @@ def run_all(cfg: DictConfig) -> None:
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
     for stage in cfg.stages:
         stage_dir = root / stage / name
-        command = [sys.executable, "-m", "pipeline", f"stage={stage}", *passed, f"hydra.run.dir={stage_dir}"]
+        command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), f"hydra.run.dir={stage_dir}"]
         if stage == "ppo":  # the policy starts from SFT; the reward model comes from the reward stage
             command += [f"init_from={root / 'sft' / name}", f"reward_from={root / 'reward' / name}"]
         elif stage != "pretrain" and previous:
