@@ -57,15 +57,15 @@ def test_partial_credit_follows_the_amount_of_damage():
     prompt = "Reverse the order of these words: cat, lamp, river, stone"
     score = lambda answer: task.gold_score(prompt, answer)  # noqa: E731
     assert score("stone, river, lamp, cat") == 1.0
-    assert 1.0 > score("stone, river, cat") > score("stone, cat") > score("dog") == 0.0
-    assert 1.0 > score("stone, river, lamp") > score("stone, lamp, river, cat")
+    assert score("dog") == 0.0 < score("stone, cat") < score("stone, river, cat") < 1.0
+    assert score("stone, lamp, river, cat") < score("stone, river, lamp") < 1.0
     assert score("STONE, RIVER, LAMP, CAT") == pytest.approx(0.5)  # right items, wrong case: half
     assert score("stone river lamp cat") == pytest.approx(task.FORMAT_FACTOR)
     largest = "Which is the largest number: 3, 40, 12, 7?"
     assert task.gold_score(largest, "40") == 1.0
-    assert 1.0 > task.gold_score(largest, "12") > task.gold_score(largest, "3") >= 0.0
+    assert 0.0 <= task.gold_score(largest, "3") < task.gold_score(largest, "12") < 1.0
     count = "How many words are in this list: cat, dog, cat, sun, egg?"
-    assert 1.0 > task.gold_score(count, "4") > task.gold_score(count, "2") > task.gold_score(count, "10") == 0.0
+    assert task.gold_score(count, "10") == 0.0 < task.gold_score(count, "2") < task.gold_score(count, "4") < 1.0
     spell = "Spell the word river with dashes between the letters."
     assert task.gold_score(spell, "r-i-v-e-r") == 1.0
     assert task.gold_score(spell, "river") == pytest.approx(task.SPELL_FORMAT_FACTOR)
