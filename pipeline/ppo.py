@@ -465,7 +465,7 @@ class PPOModule(pl.LightningModule):
     def on_train_start(self) -> None:
         state = getattr(self, "_generator_state", None)
         if state is not None:
-            self.sample_generator.set_state(state.to(self.sample_generator.device) if self.sample_generator.device.type != "cpu" else state)
+            self.sample_generator.set_state(state)  # generator states are CPU byte tensors, whatever the device
             self._generator_state = None
 
 
