@@ -211,6 +211,18 @@ class PPOModule(pl.LightningModule):
         self.history: list[dict] = []  # eval figures over training: the over-optimisation curve
         self.ema = None
         self.sample_generator = None
+        self.ptx_blocks: torch.Tensor | None = None  # (N, L + 1) token blocks of pretraining text for PPO-ptx
+
+    def ptx_loss(self, iteration: int, minibatch: int) -> torch.Tensor:
+        """Next-token loss of the actor on a batch of pretraining blocks (InstructGPT's PPO-ptx).
+
+        The blocks are chosen by (seed, iteration, minibatch) alone, so a resumed run draws the same ones.
+        """
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + iteration * 1009 + minibatch)
+        idx = torch.randint(len(self.ptx_blocks), (self.cfg.ptx_batch_size,), generator=g)
+        blocks = self.ptx_blocks[idx].to(self.device).long()
+        logits = self.actor(blocks[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), blocks[:, 1:].flatten())
 
     # -- data ------------------------------------------------------------------------------
 
@@ -303,7 +315,9 @@ class PPOModule(pl.LightningModule):
 
         B = mask.size(0)
         mb = min(cfg.minibatch_size, B)
-        stats = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "entropy", "vf_clipfrac", "ratio")}
+        use_ptx = bool(cfg.ptx_coef) and self.ptx_blocks is not None
+        stats = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "entropy", "vf_clipfrac", "ratio", *(("ptx",) if use_ptx else ()))}
+        minibatch = 0
         update_started = time.perf_counter()
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(self.hparams.seed + self.iteration))
@@ -317,6 +331,11 @@ class PPOModule(pl.LightningModule):
                 vf, vf_clipfrac = value_loss(new_values, roll.values[idx], returns[idx], m, cfg.value_clip)
                 entropy = masked_mean(entropy_from_logits(logits), m)
                 loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * entropy
+                if use_ptx:
+                    ptx = self.ptx_loss(self.iteration, minibatch)
+                    loss = loss + cfg.ptx_coef * ptx
+                    stats["ptx"].append(ptx.detach())
+                minibatch += 1
                 if not torch.isfinite(loss):
                     self.diverged("loss")
                 opt_actor.zero_grad()
@@ -357,6 +376,7 @@ class PPOModule(pl.LightningModule):
             "policy/entropy_avg": mean["entropy"],
             "loss/policy_avg": mean["pg"],
             "loss/value_avg": mean["vf"],
+            **({"loss/ptx_avg": mean["ptx"]} if use_ptx else {}),
             "val/clipfrac_avg": mean["vf_clipfrac"],
             "val/ratio": mean["ratio"],
             "val/num_eos_tokens": roll.finished.float().sum(),
@@ -507,6 +527,20 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list
     return prompts, eval_prompts, source
 
 
+def load_ptx_blocks(cfg: DictConfig, tokenizer, block_size: int) -> torch.Tensor:
+    """Packed blocks of pretraining text for PPO-ptx: ppo.ptx_data, or the embedded corpus, with the policy's tokenizer."""
+    from pipeline.pretrain import load_corpus
+
+    seq_len = int(cfg.ppo.ptx_seq_len)
+    if not 1 <= seq_len <= block_size:
+        raise UserError(f"ppo.ptx_seq_len={seq_len} must be between 1 and the model's context ({block_size})")
+    corpus_cfg = OmegaConf.merge(cfg, {"data": {"path": cfg.ppo.ptx_data, "columns": None}})
+    ds, source = load_corpus(corpus_cfg)
+    blocks = data_lib.tokenize_and_pack(ds["train"], tokenizer, seq_len).with_format("torch")["input_ids"]
+    log.info("ppo-ptx: %d blocks of %d tokens from %s, coefficient %s", len(blocks), seq_len, source, cfg.ppo.ptx_coef)
+    return blocks
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
@@ -540,6 +574,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module.critic.load_state_dict(reward_model.state_dict())
     module.reward_model.load_state_dict(reward_model.state_dict())
     module.prompts, module.eval_prompts, module.tokenizer = prompts, eval_prompts, tokenizer
+    if cfg.ppo.ptx_coef:
+        module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, actor.config.block_size)
     use_gold = cfg.eval.gold if cfg.eval.gold != "auto" else not cfg.data.path
     if use_gold:
         from pipeline.task import gold_score

@@ -191,3 +191,28 @@ def test_non_finite_weights_stop_the_run_with_a_message(tmp_path):
         module.critic.score_head.weight.fill_(float("nan"))
     with pytest.raises(UserError, match="PPO diverged at iteration 0"):
         fit(module, 2, tmp_path)
+
+
+def test_ptx_mixes_in_pretraining_loss(tmp_path):
+    """PPO-ptx: with the pretraining term on, the actor's loss on the pretraining blocks falls; without it, it does not."""
+    pattern = torch.tensor([3, 4, 5, 6] * 5)  # an easy text: 3 4 5 6 3 4 5 6 ...
+    blocks = torch.stack([pattern.roll(-i)[:13] for i in range(4)])
+
+    def block_loss(module):
+        module.actor.eval()
+        with torch.no_grad():
+            logits = module.actor(blocks[:, :-1])
+        module.actor.train()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+
+    losses = {}
+    for coef in (0.0, 1.0):
+        module = toy_module(ptx_coef=coef, ptx_batch_size=4)
+        module.ptx_blocks = blocks
+        before = block_loss(module)
+        trainer = fit(module, 6, tmp_path / str(coef))
+        losses[coef] = (before, block_loss(module))
+        if coef:
+            assert "loss/ptx_avg" in trainer.callback_metrics
+    assert losses[1.0][1] < 0.5 * losses[1.0][0], losses
+    assert losses[0.0][1] > 0.8 * losses[0.0][0], losses
