@@ -157,3 +157,19 @@ def test_sft_and_reward_under_two_process_ddp(pipeline_runs):
         assert len(runs) == 1
         metrics = json.loads((runs[0] / "metrics.json").read_text())
         assert metrics["train/steps"] == 4
+
+
+def test_ppo_under_two_process_ddp_with_ptx(tmp_path, pipeline_runs):
+    """PPO on two CPU processes (gloo): both ranks roll out and update; the PPO-ptx term reads a user's text file."""
+    corpus = tmp_path / "ptx.jsonl"
+    corpus.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[60:90]))
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ppo = ["ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.eval_prompts=4", "ppo.max_new_tokens=6"]
+    ptx = ["ppo.ptx_coef=0.1", f"ppo.ptx_data={corpus}", "ppo.ptx_seq_len=32", "ppo.ptx_batch_size=2"]
+    run_pipeline("stage=ppo", *ddp, *ppo, *ptx, "logger=csv", root=pipeline_runs, timeout=600)
+    runs = [d for d in (pipeline_runs / "ppo").iterdir() if "trainer=ddp" in (d / ".hydra" / "overrides.yaml").read_text()]
+    assert len(runs) == 1
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["train/iterations"] == 2 and "gold/final" in metrics
+    logged = (runs[0] / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "loss/ptx_avg" in logged and "objective/kl" in logged
