@@ -16,9 +16,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,6 +67,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_dir_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """fill() a temporary folder beside `directory`, then swap it in.
+
+    Readers never see a half-written folder: they see the old one or the new one. os.replace cannot
+    overwrite a non-empty folder, so the old one is moved aside first and deleted after the swap.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; results are meant to be shared
+        fill(tmp)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            os.replace(directory, old / "previous")
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
 
@@ -102,11 +129,15 @@ def resolve_init_from(init_from: str | None, stage: str, root: Path) -> Path:
 
 
 def model_file(path: Path) -> Path:
-    """Accept a run directory, a model.pt or a Lightning .ckpt and return the file to load."""
+    """Accept a run directory, a model.pt, a Lightning .ckpt or a transformers folder and return what to load."""
+    from pipeline.export import is_transformers_dir
+
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
-        raise UserError(f"init_from={path} is a directory without {MODEL_FILE}: is it a finished stage run?")
+        if is_transformers_dir(path):
+            return path
+        raise UserError(f"init_from={path} is a directory without {MODEL_FILE} or config.json: is it a finished stage run or a transformers model folder?")
     if not path.is_file():
         raise UserError(f"init_from={path}: no such file or directory")
     return path
@@ -129,8 +160,12 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def load_model_payload(path: Path) -> dict:
-    """Read a model.pt, or the weights inside a Lightning checkpoint of one of our stages."""
+    """Read a model.pt, the weights inside a Lightning checkpoint of one of our stages, or a transformers folder."""
+    from pipeline.export import is_transformers_dir, load_transformers
+
     path = Path(path)
+    if is_transformers_dir(path):
+        return load_transformers(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which
@@ -187,7 +222,8 @@ def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = G
     path = resolve_init_from(init_from, stage, root)
     payload = load_model_payload(path)
     model = build_model(payload, cls, path, **config_updates)
-    candidates = [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
+    # A transformers folder holds its tokenizer files itself.
+    candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
     tokenizer_dir = next((c for c in candidates if c.is_dir()), None)
     if tokenizer_dir is None:
         raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
