@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from pipeline import runs
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT, GPTConfig, pad_vocab
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,23 @@ def load_transformers(directory: Path) -> dict:
         config = GPTConfig(**{**config.to_dict(), "bias": False})
         state = {k: v for k, v in state.items() if not k.endswith(".bias")}
     return {"config": config.to_dict(), "state_dict": state, "kind": "lm", "stage": "transformers", "extra": {"source": str(directory)}}
+
+
+def grow_vocab(payload: dict, tokens: int) -> dict:
+    """The payload with embedding (and untied output) rows for `tokens` tokens, rounded up by pad_vocab.
+
+    New rows start at the mean of the old ones: the new tokens then get an average logit instead of a
+    random one, and the model's outputs on the old tokens do not change.
+    """
+    config = GPTConfig.from_dict(payload["config"])
+    size = pad_vocab(tokens)
+    state = dict(payload["state_dict"])
+    for key in ("wte.weight", "lm_head.weight"):
+        old = state[key]
+        state[key] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(size - old.size(0), -1)])
+    if config.tie_embeddings:  # one matrix under two names, as in our own state dicts
+        state["lm_head.weight"] = state["wte.weight"]
+    return {**payload, "config": {**payload["config"], "vocab_size": size}, "state_dict": state}
 
 
 @torch.no_grad()

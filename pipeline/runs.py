@@ -219,15 +219,21 @@ def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = G
     """
     from pipeline.tokenizer import load_tokenizer
 
+    from pipeline.export import grow_vocab
+
     path = resolve_init_from(init_from, stage, root)
     payload = load_model_payload(path)
-    model = build_model(payload, cls, path, **config_updates)
     # A transformers folder holds its tokenizer files itself.
     candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
     tokenizer_dir = next((c for c in candidates if c.is_dir()), None)
     if tokenizer_dir is None:
         raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
     tokenizer = load_tokenizer(tokenizer_dir)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={model.config.vocab_size}")
+    vocab_size = payload["config"]["vocab_size"]
+    if len(tokenizer) > vocab_size and path.is_dir():
+        # A foreign tokenizer gained our pad, BOS and role tokens in load_tokenizer: give them embedding rows.
+        payload = grow_vocab(payload, len(tokenizer))
+    elif len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
+    model = build_model(payload, cls, path, **config_updates)
     return model, tokenizer, payload, path

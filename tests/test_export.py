@@ -219,3 +219,27 @@ def test_export_stage_rejects_an_unsupported_model_with_exit_code_2(tokenizer, o
     assert result.returncode == 2, result.stderr[-2000:]
     assert "norm=layernorm has no transformers counterpart" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_foreign_tokenizer_gains_our_special_tokens_and_the_embedding_grows(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    # A GPT-2-like tokenizer: byte-level BPE whose only special token is <|endoftext|>, no pad, no roles.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([topics[k] for k in sorted(topics)[:5]], trainer=trainer)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=backend.get_vocab_size(), n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    folder = tmp_path / "gpt2_like"
+    hf.save_pretrained(folder)
+    backend.save(str(folder / "tokenizer.json"))
+    model, tok, _, _ = runs.load_start(str(folder), "sft", tmp_path / "outputs")
+    old = backend.get_vocab_size()
+    assert len(tok) == old + 5 and tok.pad_token_id >= old and tok.pad_token_id != tok.eos_token_id
+    assert model.config.vocab_size == 320  # the grown vocabulary, padded to a multiple of 64
+    ids = torch.randint(0, old, (2, 10))
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(ours[..., :old], hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.wte.weight[-1], hf.transformer.wte.weight.mean(dim=0))
