@@ -1,13 +1,19 @@
-"""Pretraining throughput of the configured model on this device: our Lightning stage vs a plain PyTorch loop.
+"""Throughput of the configured model on this device, ours vs peers measured side by side in one run.
 
     python -m pipeline.bench                                   # the tiny default on CPU
     python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 trainer.precision=bf16-mixed bench.batch_size=16
     python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 model.compile=true trainer.precision=bf16-mixed
 
-Both sides train the same model config on the same random token blocks with the same optimiser;
-the first steps (allocation, compilation) are not timed. Prints tokens/s, MFU where the GPU's peak
-is known, and the ratio ours / plain loop (Lightning's overhead); writes outputs/bench/bench.json.
-Any config override of `python -m pipeline stage=pretrain` applies.
+Rows (each with tokens/s of both sides and the ratio ours / peer):
+- pretraining: our Lightning stage vs a plain PyTorch loop over our GPT, and vs a plain loop over the
+  `transformers` model of the same architecture and weights (GPT-2 or Llama, as `stage=export` writes);
+  all train the same config on the same random token blocks with the same optimiser;
+- generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
+  exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
+  `bench.gen_tokens` new tokens (no stopping at EOS).
+The first steps / calls (allocation, compilation) are not timed. Prints a table, MFU where the GPU's
+peak is known; writes outputs/bench/bench.json. Any config override of `python -m pipeline stage=pretrain`
+applies.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.model import GPT
+from pipeline.export import to_transformers
+from pipeline.model import GPT, generate
 from pipeline.pretrain import PretrainModule, model_config_from
 from pipeline.training import Batches, Throughput, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3}
 
 
 def compose_config(overrides: list[str]):
@@ -62,11 +69,13 @@ def autocast(cfg, device):
     return nullcontext()
 
 
-def plain_loop(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> float:
-    """Tokens/s of a bare training loop: forward, loss, backward, clip, AdamW step."""
+def plain_loop(cfg, model: torch.nn.Module, blocks, batch_size: int, steps: int, warmup: int) -> float:
+    """Tokens/s of a bare training loop: forward, loss, backward, clip, AdamW step.
+
+    model is our GPT or a transformers causal LM (whose forward returns an output with .logits).
+    """
     device = device_of(cfg)
-    torch.manual_seed(0)
-    model = GPT(model_config).to(device)
+    model = model.to(device).train()
     if cfg.model.get("compile"):
         model.compile()
     optim = adamw_with_schedule(model, cfg.model, cfg.trainer.max_steps)["optimizer"]
@@ -79,6 +88,7 @@ def plain_loop(cfg, model_config, blocks, batch_size: int, steps: int, warmup: i
         start = time.perf_counter()
         with autocast(cfg, device):
             logits = model(batch[:, :-1])
+            logits = getattr(logits, "logits", logits)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
@@ -89,6 +99,51 @@ def plain_loop(cfg, model_config, blocks, batch_size: int, steps: int, warmup: i
         if step >= warmup:
             seconds += time.perf_counter() - start
     return steps * batch_size * (data.size(1) - 1) / seconds
+
+
+def fresh_models(model_config) -> tuple[GPT, torch.nn.Module]:
+    """Our GPT and the transformers model with the same weights (seeded, so every side starts equal)."""
+    torch.manual_seed(0)
+    ours = GPT(model_config)
+    return ours, to_transformers(ours)
+
+
+def generation_speed(cfg, model_config, batch_size: int) -> tuple[float, float]:
+    """New tokens/s of greedy generation at one batch size: (ours, transformers), same weights and prompts."""
+    device = device_of(cfg)
+    ours, theirs = fresh_models(model_config)
+    ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+    new, prompt_len = cfg.bench.gen_tokens, cfg.bench.gen_prompt
+    if prompt_len + new > model_config.block_size:
+        raise ValueError(f"bench.gen_prompt + bench.gen_tokens = {prompt_len + new} exceeds block_size={model_config.block_size}")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model_config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(prompts)
+
+    def run_ours():
+        out = generate(ours, prompts, mask, max_new_tokens=new, temperature=0.0, eos_id=None)
+        assert out.tokens.size(1) == new
+
+    def run_theirs():
+        # min_new_tokens = max_new_tokens: transformers never stops early, like ours without eos_id.
+        out = theirs.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        assert out.size(1) == prompt_len + new
+
+    figures = []
+    for fn in (run_ours, run_theirs):
+        fn()  # warm-up: allocation, first-call costs
+        seconds = []
+        for _ in range(cfg.bench.gen_repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad(), autocast(cfg, device):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        figures.append(batch_size * new / min(seconds))  # the best of the repeats: least disturbed by other load
+    return figures[0], figures[1]
 
 
 def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
@@ -115,6 +170,10 @@ def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warm
     return figures["perf/tokens_per_s"], module.model.flops_per_token(seq_len)
 
 
+def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
+    return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
+
+
 def main(argv: list[str]) -> dict:
     cfg = compose_config(argv)
     model_config = model_config_from(cfg.model, cfg.tokenizer.vocab_size)
@@ -122,14 +181,28 @@ def main(argv: list[str]) -> dict:
     batch_size = cfg.bench.batch_size or cfg.data.batch_size
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
     blocks = random_blocks(batch_size * 8, seq_len, model_config.vocab_size)
-    plain_loop(cfg, model_config, blocks, batch_size, 2, warmup)  # the process's first-touch costs, paid by neither side
+    ours_model, hf_model = fresh_models(model_config)
+    arch = type(hf_model).__name__
+    plain_loop(cfg, GPT(model_config), blocks, batch_size, 2, warmup)  # the process's first-touch costs, paid by neither side
     ours, flops_per_token = lightning_stage(cfg, model_config, blocks, batch_size, steps, warmup)
-    plain = plain_loop(cfg, model_config, blocks, batch_size, steps, warmup)
+    # Lightning's Throughput counts every column of the (B, T+1) blocks; the loops count the T predicted tokens.
+    ours *= seq_len / (seq_len + 1)
+    plain = plain_loop(cfg, ours_model, blocks, batch_size, steps, warmup)
+    hf_plain = plain_loop(cfg, hf_model, blocks, batch_size, steps, warmup)
+    rows = [
+        row("pretrain: Lightning stage vs plain loop, our GPT", ours, "plain PyTorch loop, our GPT", plain),
+        row(f"pretrain: Lightning stage vs plain loop, transformers {arch}", ours, f"plain PyTorch loop, transformers {arch}", hf_plain),
+        row(f"pretrain: plain loop, our GPT vs transformers {arch}", plain, f"plain PyTorch loop, transformers {arch}", hf_plain),
+    ]
+    for gen_batch in sorted({1, cfg.bench.gen_batch}):
+        g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
+        rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
     device = device_of(cfg)
     peak = device_peak_flops() if device.type == "cuda" else None
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": {k: v for k, v in model_config.to_dict().items()},
+        "transformers_architecture": arch,
         "params": GPT(model_config).num_params(),
         "precision": str(cfg.trainer.precision),
         "batch_size": batch_size,
@@ -137,17 +210,23 @@ def main(argv: list[str]) -> dict:
         "compile": bool(cfg.model.get("compile")),
         "ours_tokens_per_s": ours,
         "plain_loop_tokens_per_s": plain,
+        "transformers_loop_tokens_per_s": hf_plain,
         "ratio_ours_over_plain": ours / plain,
+        "generation": {"prompt_tokens": cfg.bench.gen_prompt, "new_tokens": cfg.bench.gen_tokens, "repeats": cfg.bench.gen_repeats},
+        "rows": rows,
     }
     if peak:
         result["ours_mfu"] = ours * flops_per_token / peak
         result["plain_loop_mfu"] = plain * flops_per_token / peak
-    print(f"\npretraining throughput on {result['device']}: {result['params'] / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} tokens, {result['precision']}")
-    print(f"{'':24}{'tokens/s':>12}{'MFU':>8}")
-    for name, key in (("pipeline (Lightning)", "ours"), ("plain PyTorch loop", "plain_loop")):
-        mfu = f"{result[key + '_mfu']:.1%}" if peak else "-"
-        print(f"{name:24}{result[key + '_tokens_per_s']:>12,.0f}{mfu:>8}")
-    print(f"ratio ours / plain loop: {result['ratio_ours_over_plain']:.3f}")
+        result["transformers_loop_mfu"] = hf_plain * flops_per_token / peak
+    print(f"\nthroughput on {result['device']}: {result['params'] / 1e6:.1f}M parameters ({arch} when exported), {result['precision']}")
+    print(f"pretraining: batch {batch_size} x {seq_len} tokens; generation: {cfg.bench.gen_prompt}-token prompts, {cfg.bench.gen_tokens} new tokens")
+    if peak:
+        print("MFU: " + ", ".join(f"{k[:-4]} {result[k]:.1%}" for k in ("ours_mfu", "plain_loop_mfu", "transformers_loop_mfu")))
+    width = max(len(r["row"]) for r in rows)
+    print(f"{'row':{width}}  {'ours tok/s':>12}  {'peer tok/s':>12}  {'ours/peer':>9}  peer")
+    for r in rows:
+        print(f"{r['row']:{width}}  {r['ours_tokens_per_s']:>12,.0f}  {r['peer_tokens_per_s']:>12,.0f}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}")
     out = Path(cfg.paths.root) / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
