@@ -8,6 +8,8 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
 - pretraining: our Lightning stage vs a plain PyTorch loop over our GPT, and vs a plain loop over the
   `transformers` model of the same architecture and weights (GPT-2 or Llama, as `stage=export` writes);
   all train the same config on the same random token blocks with the same optimiser;
+- SFT: our SFT stage's LightningModule under a Trainer vs TRL's `SFTTrainer` on the exported model,
+  the same pre-tokenised prompt-completion rows (loss on completions only), batch and optimiser settings;
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
@@ -36,7 +38,7 @@ from pipeline.pretrain import PretrainModule, model_config_from
 from pipeline.training import Batches, Throughput, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1}
 
 
 def compose_config(overrides: list[str]):
@@ -170,6 +172,89 @@ def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warm
     return figures["perf/tokens_per_s"], module.model.flops_per_token(seq_len)
 
 
+def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
+    """Prompt-completion rows of seq_len + 1 tokens, the first quarter prompt (no loss), as both sides take them."""
+    from pipeline.sft import IGNORE
+
+    prompt = max(1, seq_len // 4)
+    rows = []
+    for r in random_blocks(n, seq_len, vocab, seed=1):
+        ids = r["input_ids"].tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:], "completion_mask": [0] * prompt + [1] * (len(ids) - prompt)})
+    return rows
+
+
+def word_tokenizer(vocab: int):
+    """A tokenizer over the ids the random rows use: TRL wants one (for padding), though the rows are tokenised already."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
+
+
+def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Tokens/s of SFT: (our SFTModule under Lightning, TRL SFTTrainer), same rows, weights, batch and optimiser."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.sft import PadCollator, SFTModule
+
+    seq_len = cfg.data.seq_len
+    rows = sft_rows(batch_size * 8, seq_len, model_config.vocab_size)
+    device = device_of(cfg)
+    optim = OmegaConf.to_container(cfg.model, resolve=True)
+
+    pl.seed_everything(0, verbose=False)
+    module = SFTModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
+    throughput = Throughput(None, skip_steps=warmup)
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, max_steps=warmup + steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[throughput],
+    )
+    ours_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    trainer.fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PadCollator(0)))
+    # Throughput counts all seq_len + 1 columns; seq_len positions are predicted (as on TRL's side after its shift).
+    ours = throughput.figures(trainer)["perf/tokens_per_s"] * seq_len / (seq_len + 1)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.steps, self._start = 0.0, 0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if state.global_step > warmup:
+                self.seconds += time.perf_counter() - self._start
+                self.steps += 1
+
+    _, hf_model = fresh_models(model_config)
+    timer = StepTimer()
+    precision = str(cfg.trainer.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
+            weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
+            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len + 1, completion_only_loss=True,
+            bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
+            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
+        )
+        data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
+        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[timer])
+        sft.train()
+    theirs = timer.steps * batch_size * seq_len / timer.seconds
+    return ours, theirs
+
+
 def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
     return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
 
@@ -194,6 +279,9 @@ def main(argv: list[str]) -> dict:
         row(f"pretrain: Lightning stage vs plain loop, transformers {arch}", ours, f"plain PyTorch loop, transformers {arch}", hf_plain),
         row(f"pretrain: plain loop, our GPT vs transformers {arch}", plain, f"plain PyTorch loop, transformers {arch}", hf_plain),
     ]
+    if cfg.bench.sft:
+        s_ours, s_trl = sft_speed(cfg, model_config, batch_size, steps, warmup)
+        rows.append(row("sft: Lightning stage vs TRL SFTTrainer (completion-only loss)", s_ours, f"TRL SFTTrainer, transformers {arch}", s_trl))
     for gen_batch in sorted({1, cfg.bench.gen_batch}):
         g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
         rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
