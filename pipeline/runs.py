@@ -137,6 +137,8 @@ def model_file(path: Path) -> Path:
             return path / MODEL_FILE
         if is_transformers_dir(path):
             return path
+        if is_transformers_dir(path / "hf"):  # an export run's directory
+            return path / "hf"
         raise UserError(f"init_from={path} is a directory without {MODEL_FILE} or config.json: is it a finished stage run or a transformers model folder?")
     if not path.is_file():
         raise UserError(f"init_from={path}: no such file or directory")

@@ -211,6 +211,9 @@ def test_export_stage_through_the_command_line(tokenizer, outputs_root):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(run_dir / "hf")("a b")["input_ids"] == tokenizer("a b")["input_ids"]
+    # The export run's directory works as init_from for the next stage, as a training run's does.
+    again, _, payload, _ = runs.load_start(str(run_dir), "sft", outputs_root)
+    assert payload["config"] == model.config.to_dict()
 
 
 def test_export_stage_rejects_an_unsupported_model_with_exit_code_2(tokenizer, outputs_root):
