@@ -254,7 +254,7 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         require(rope_type == "default", "rope_parameters.rope_type", rope_type, "default: no rope scaling")
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-        require(head_dim * hf_cfg.num_attention_heads == hf_cfg.hidden_size, "head_dim", head_dim, f"hidden_size / num_attention_heads")
+        require(head_dim * hf_cfg.num_attention_heads == hf_cfg.hidden_size, "head_dim", head_dim, "hidden_size / num_attention_heads")
         require(hf_cfg.attention_bias == hf_cfg.mlp_bias, "attention_bias", hf_cfg.attention_bias, f"equal to mlp_bias={hf_cfg.mlp_bias}")
         values = dict(
             vocab_size=hf_cfg.vocab_size,
@@ -280,6 +280,12 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
         raise UserError(f"{where}: {e}") from None
 
 
+def one_line(error: Exception, limit: int = 300) -> str:
+    """transformers' messages run over many lines; the entry point prints one."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def is_transformers_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
@@ -292,12 +298,12 @@ def load_transformers(directory: Path) -> dict:
     try:
         hf_cfg = AutoConfig.from_pretrained(str(directory))
     except Exception as e:  # a malformed config.json: say which file
-        raise UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read {directory / 'config.json'}: {type(e).__name__}: {one_line(e)}") from None
     config, arch = config_from_hf(hf_cfg, directory)
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     except Exception as e:  # no weights file, or weights that do not fit config.json
-        raise UserError(f"cannot load the transformers weights in {directory} (model.safetensors or pytorch_model.bin): {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot load the transformers weights in {directory} (model.safetensors or pytorch_model.bin): {type(e).__name__}: {one_line(e)}") from None
     state = hf_to_ours_state(hf.state_dict(), config, arch)
     if arch == "gpt2" and all(not v.any() for k, v in state.items() if k.endswith(".bias")):
         # All-zero biases (a bias=False model of ours, exported) are exactly no biases: keep the config ours.

@@ -246,3 +246,11 @@ def test_a_foreign_tokenizer_gains_our_special_tokens_and_the_embedding_grows(tm
         ours = model(ids)
         torch.testing.assert_close(ours[..., :old], hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.wte.weight[-1], hf.transformer.wte.weight.mean(dim=0))
+
+
+def test_a_transformers_folder_without_weights_is_one_clear_error(tmp_path):
+    folder = tmp_path / "no_weights"
+    hf_gpt2().config.save_pretrained(folder)
+    with pytest.raises(UserError, match=r"cannot load the transformers weights in .*no_weights") as info:
+        runs.load_model_payload(runs.model_file(folder))
+    assert "\n" not in str(info.value)
