@@ -13,7 +13,8 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
-The first steps / calls (allocation, compilation) are not timed. Prints a table, MFU where the GPU's
+The first steps / calls (allocation, compilation) are not timed; rates come from the median step or
+call, which bursts of other jobs' load on a shared machine move less than a mean. Prints a table, MFU where the GPU's
 peak is known; writes outputs/bench/bench.json. Any config override of `python -m pipeline stage=pretrain`
 applies.
 """
@@ -21,6 +22,7 @@ applies.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -35,7 +37,7 @@ from omegaconf import OmegaConf, open_dict
 from pipeline.export import to_transformers
 from pipeline.model import GPT, generate
 from pipeline.pretrain import PretrainModule, model_config_from
-from pipeline.training import Batches, Throughput, adamw_with_schedule, device_peak_flops
+from pipeline.training import Batches, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1}
@@ -49,6 +51,41 @@ def compose_config(overrides: list[str]):
     with open_dict(cfg):
         cfg.bench = {**BENCH_DEFAULTS, **{k[len("bench.") :]: int(v) for k, v in bench.items()}}
     return cfg
+
+
+class StepTimes(pl.Callback):
+    """Seconds of each optimisation step after the warm-up ones (a Lightning callback; the loops call begin/end).
+
+    Rates come from the median step: on a machine shared with other jobs a burst of their load slows
+    a few steps, and the median ignores those where a mean would not.
+    """
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.seconds: list[float] = []
+        self._start = None
+        self._seen = 0
+
+    def begin(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def end(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    def rate(self, tokens_per_step: int) -> float:
+        return tokens_per_step / statistics.median(self.seconds)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.begin()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end()
 
 
 def random_blocks(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -82,12 +119,10 @@ def plain_loop(cfg, model: torch.nn.Module, blocks, batch_size: int, steps: int,
         model.compile()
     optim = adamw_with_schedule(model, cfg.model, cfg.trainer.max_steps)["optimizer"]
     data = torch.stack([b["input_ids"] for b in blocks]).to(device)
-    seconds = 0.0
+    timer = StepTimes(warmup, device)
     for step in range(warmup + steps):
         batch = data[(step * batch_size) % len(data) :][:batch_size]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        timer.begin()
         with autocast(cfg, device):
             logits = model(batch[:, :-1])
             logits = getattr(logits, "logits", logits)
@@ -96,11 +131,8 @@ def plain_loop(cfg, model: torch.nn.Module, blocks, batch_size: int, steps: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            seconds += time.perf_counter() - start
-    return steps * batch_size * (data.size(1) - 1) / seconds
+        timer.end()
+    return timer.rate(batch_size * (data.size(1) - 1))
 
 
 def fresh_models(model_config) -> tuple[GPT, torch.nn.Module]:
@@ -144,32 +176,35 @@ def generation_speed(cfg, model_config, batch_size: int) -> tuple[float, float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
-        figures.append(batch_size * new / min(seconds))  # the best of the repeats: least disturbed by other load
+        figures.append(batch_size * new / statistics.median(seconds))  # the median call: bursts of other load skew a mean
     return figures[0], figures[1]
 
 
-def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Tokens/s of our pretraining LightningModule under a real Trainer (no logger, no checkpoints)."""
-    pl.seed_everything(0, verbose=False)
-    module = PretrainModule(model_config.to_dict(), OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
-    seq_len = blocks[0]["input_ids"].numel() - 1
-    throughput = Throughput(module.model.flops_per_token(seq_len), skip_steps=warmup)
-    trainer = pl.Trainer(
+def bench_trainer(cfg, max_steps: int, timer: StepTimes) -> pl.Trainer:
+    """A real Trainer with the configured precision and clipping, without logger, checkpoints or validation."""
+    return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=cfg.trainer.precision,
-        max_steps=warmup + steps,
+        max_steps=max_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[throughput],
+        callbacks=[timer],
     )
-    trainer.fit(module, datamodule=Batches(blocks, blocks[:batch_size], batch_size))
-    figures = throughput.figures(trainer)
-    return figures["perf/tokens_per_s"], module.model.flops_per_token(seq_len)
+
+
+def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Tokens/s of our pretraining LightningModule under a real Trainer, and its training FLOPs per token."""
+    pl.seed_everything(0, verbose=False)
+    module = PretrainModule(model_config.to_dict(), OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
+    seq_len = blocks[0]["input_ids"].numel() - 1
+    timer = StepTimes(warmup, device_of(cfg))
+    bench_trainer(cfg, warmup + steps, timer).fit(module, datamodule=Batches(blocks, blocks[:batch_size], batch_size))
+    return timer.rate(batch_size * seq_len), module.model.flops_per_token(seq_len)
 
 
 def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
@@ -210,35 +245,20 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
 
     pl.seed_everything(0, verbose=False)
     module = SFTModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
-    throughput = Throughput(None, skip_steps=warmup)
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, max_steps=warmup + steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[throughput],
-    )
+    ours_timer = StepTimes(warmup, device)
     ours_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    trainer.fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PadCollator(0)))
-    # Throughput counts all seq_len + 1 columns; seq_len positions are predicted (as on TRL's side after its shift).
-    ours = throughput.figures(trainer)["perf/tokens_per_s"] * seq_len / (seq_len + 1)
+    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PadCollator(0)))
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.steps, self._start = 0.0, 0, None
+    trl_timer = StepTimes(warmup, device)
 
+    class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self._start = time.perf_counter()
+            trl_timer.begin()
 
         def on_step_end(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if state.global_step > warmup:
-                self.seconds += time.perf_counter() - self._start
-                self.steps += 1
+            trl_timer.end()
 
     _, hf_model = fresh_models(model_config)
-    timer = StepTimer()
     precision = str(cfg.trainer.precision)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
@@ -249,10 +269,10 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
             save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
         )
         data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
-        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[timer])
+        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
         sft.train()
-    theirs = timer.steps * batch_size * seq_len / timer.seconds
-    return ours, theirs
+    # seq_len + 1 tokens per row on both sides; seq_len of them are predicted.
+    return ours_timer.rate(batch_size * seq_len), trl_timer.rate(batch_size * seq_len)
 
 
 def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
@@ -270,8 +290,6 @@ def main(argv: list[str]) -> dict:
     arch = type(hf_model).__name__
     plain_loop(cfg, GPT(model_config), blocks, batch_size, 2, warmup)  # the process's first-touch costs, paid by neither side
     ours, flops_per_token = lightning_stage(cfg, model_config, blocks, batch_size, steps, warmup)
-    # Lightning's Throughput counts every column of the (B, T+1) blocks; the loops count the T predicted tokens.
-    ours *= seq_len / (seq_len + 1)
     plain = plain_loop(cfg, ours_model, blocks, batch_size, steps, warmup)
     hf_plain = plain_loop(cfg, hf_model, blocks, batch_size, steps, warmup)
     rows = [
