@@ -9,7 +9,8 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
   `transformers` model of the same architecture and weights (GPT-2 or Llama, as `stage=export` writes);
   all train the same config on the same random token blocks with the same optimiser;
 - SFT: our SFT stage's LightningModule under a Trainer vs TRL's `SFTTrainer` on the exported model,
-  the same pre-tokenised prompt-completion rows (loss on completions only), batch and optimiser settings;
+  the same pre-tokenised prompt-completion rows (loss on completions only), batch, optimiser settings and
+  precision, without gradient checkpointing (which SFTConfig turns on by default);
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
@@ -265,6 +266,8 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
             output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
             weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
             max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len + 1, completion_only_loss=True,
+            # SFTConfig turns gradient checkpointing and bf16 on by default; ours recomputes nothing and follows trainer.precision.
+            gradient_checkpointing=False,
             bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
             save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
         )
