@@ -209,12 +209,16 @@ def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warm
 
 
 def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
-    """Prompt-completion rows of seq_len + 1 tokens, the first quarter prompt (no loss), as both sides take them."""
+    """Prompt-completion rows of seq_len tokens, the first quarter prompt (no loss), as both sides take them.
+
+    seq_len, not seq_len + 1: transformers' models take the whole row (and shift the labels inside),
+    and a GPT-2 has no position beyond block_size.
+    """
     from pipeline.sft import IGNORE
 
     prompt = max(1, seq_len // 4)
     rows = []
-    for r in random_blocks(n, seq_len, vocab, seed=1):
+    for r in random_blocks(n, seq_len - 1, vocab, seed=1):
         ids = r["input_ids"].tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:], "completion_mask": [0] * prompt + [1] * (len(ids) - prompt)})
     return rows
@@ -265,7 +269,7 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
         args = SFTConfig(
             output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
             weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
-            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len + 1, completion_only_loss=True,
+            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len, completion_only_loss=True,
             # SFTConfig turns gradient checkpointing and bf16 on by default; ours recomputes nothing and follows trainer.precision.
             gradient_checkpointing=False,
             bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
@@ -274,8 +278,8 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
         data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
         sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
         sft.train()
-    # seq_len + 1 tokens per row on both sides; seq_len of them are predicted.
-    return ours_timer.rate(batch_size * seq_len), trl_timer.rate(batch_size * seq_len)
+    # seq_len tokens per row on both sides; seq_len - 1 of them are predicted.
+    return ours_timer.rate(batch_size * (seq_len - 1)), trl_timer.rate(batch_size * (seq_len - 1))
 
 
 def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
