@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from pipeline import export, runs
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig, ScalarGPT, generate, positions_from_mask
+from pipeline.model import GPT, GPTConfig, ScalarGPT, generate, pad_vocab, positions_from_mask
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 from test_pretrain import run_pipeline
 
-VOCAB = 320  # the tokenizer's size; the model pads it to 320 (a multiple of 64)
+TOKENIZER_SIZE = 300
+VOCAB = pad_vocab(TOKENIZER_SIZE)  # 320: the model's embedding rows, a multiple of 64
 GPT2_STYLE = dict(pos_emb="learned", norm="layernorm", mlp="gelu")
 ARCHS = {
     "gpt2": dict(GPT2_STYLE, bias=True),
@@ -29,7 +30,9 @@ HF_CLASS = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer([topics[k] for k in sorted(topics)[:20]], VOCAB)
+    tok = train_tokenizer([topics[k] for k in sorted(topics)[:20]], TOKENIZER_SIZE)
+    assert len(tok) == TOKENIZER_SIZE
+    return tok
 
 
 def tiny_model(seed: int = 0, vocab_size: int = VOCAB, **arch) -> GPT:
@@ -57,7 +60,7 @@ def test_exported_model_gives_our_logits_and_generations(name, tokenizer, tmp_pa
     figures = export.export(model, tokenizer, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf) is HF_CLASS[name.split("-")[0]] and figures["architecture"] == type(hf).__name__
-    assert hf.config.vocab_size == model.config.vocab_size == 320
+    assert hf.config.vocab_size == model.config.vocab_size == 320 > len(tokenizer)  # the padded rows stay
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     ids, mask = left_padded_batch(VOCAB, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -254,3 +257,18 @@ def test_a_transformers_folder_without_weights_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"cannot load the transformers weights in .*no_weights") as info:
         runs.load_model_payload(runs.model_file(folder))
     assert "\n" not in str(info.value)
+
+
+def test_export_from_a_lightning_checkpoint(tokenizer, tmp_path):
+    model = tiny_model(**ARCHS["gpt2"])
+    run_dir = finished_run(tmp_path, "sft", "a", tiny_model(seed=5), tokenizer)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model_config": model.config.to_dict(), "model_kind": "lm"}}, ckpt)
+    loaded, tok, _, path = runs.load_start(str(ckpt), "export", tmp_path)  # what the stage does with init_from=<ckpt>
+    assert path == ckpt and len(tok) == len(tokenizer)  # the tokenizer of the run the checkpoint belongs to
+    export.export(loaded, tok, tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
