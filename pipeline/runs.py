@@ -8,6 +8,9 @@ Layout of one stage run (Hydra creates the directory, named after the command-li
         tokenizer/         the tokenizer the model was trained with
         model.pt           the finished model: config + weights (+ extra such as reward normalisation)
         metrics.json       the stage's final figures; its presence marks the run as finished
+
+An export run (`stage=export`) holds hf/ (a transformers folder) and metrics.json instead. Every
+stage's init_from also takes a transformers folder (pipeline/export.py maps it to our model).
 """
 
 from __future__ import annotations
@@ -216,12 +219,11 @@ def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_
 def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = GPT, **config_updates):
     """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest previous run.
 
-    The tokenizer is the one saved beside the model (run_dir/tokenizer/), so a stage can never pair
-    weights with a different vocabulary.
+    The tokenizer is the one saved beside the model (run_dir/tokenizer/), or a transformers folder's
+    own, so a stage can never pair weights with a different vocabulary.
     """
-    from pipeline.tokenizer import load_tokenizer
-
     from pipeline.export import grow_vocab
+    from pipeline.tokenizer import load_tokenizer
 
     path = resolve_init_from(init_from, stage, root)
     payload = load_model_payload(path)
