@@ -65,7 +65,8 @@ def hf_config(config: GPTConfig, tokenizer=None):
 
     arch = architecture_of(config)
     # The padded vocabulary stays: exported embeddings keep every row, so the shapes match ours.
-    special = {}
+    # Without a tokenizer no ids at all: GPT2Config's and LlamaConfig's defaults (50256; 1, 2) belong to other vocabularies.
+    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if arch == "gpt2":
