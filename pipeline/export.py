@@ -331,8 +331,8 @@ def grow_vocab(payload: dict, tokens: int) -> dict:
 
 
 @torch.no_grad()
-def max_logit_difference(model: GPT, hf_model, seq_len: int = 16) -> float:
-    """Largest |ours - transformers| logit on a fixed random batch: the export checks itself."""
+def max_logit_difference(model: GPT, hf_model, seq_len: int = 16) -> tuple[float, float]:
+    """Largest |ours - transformers| logit on a fixed random batch, and the largest |logit|: the export checks itself."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, min(seq_len, model.config.block_size)), generator=g)
     was_training = model.training
@@ -340,7 +340,7 @@ def max_logit_difference(model: GPT, hf_model, seq_len: int = 16) -> float:
     ours = model.lm_head(model.hidden_states(ids))  # the language-model logits, of a ScalarGPT too
     model.train(was_training)
     theirs = hf_model(input_ids=ids).logits
-    return (ours - theirs).abs().max().item()
+    return (ours - theirs).abs().max().item(), ours.abs().max().item()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -351,9 +351,10 @@ def export(model: GPT, tokenizer, out_dir: Path, dtype: str = "float32") -> dict
     if dtype not in DTYPES:
         raise UserError(f"export.dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     hf = to_transformers(model, tokenizer)
-    diff = max_logit_difference(model, hf)
-    if diff > 1e-3:  # float32 on both sides: anything larger means the mapping is wrong
-        raise RuntimeError(f"exported model disagrees with ours: max logit difference {diff:.3g}")
+    diff, scale = max_logit_difference(model, hf)
+    # float32 on both sides: only rounding differs, relative to the logits' size (large for a trained model).
+    if diff > 1e-4 * max(1.0, scale):
+        raise RuntimeError(f"exported model disagrees with ours: max logit difference {diff:.3g} on logits up to {scale:.3g}")
     hf = hf.to(DTYPES[dtype])
 
     def fill(tmp: Path) -> None:
