@@ -1,18 +1,29 @@
-"""Pretraining throughput of the configured model on this device: our Lightning stage vs a plain PyTorch loop.
+"""Throughput of the configured model on this device, ours vs peers measured side by side in one run.
 
     python -m pipeline.bench                                   # the tiny default on CPU
     python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 trainer.precision=bf16-mixed bench.batch_size=16
     python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 model.compile=true trainer.precision=bf16-mixed
 
-Both sides train the same model config on the same random token blocks with the same optimiser;
-the first steps (allocation, compilation) are not timed. Prints tokens/s, MFU where the GPU's peak
-is known, and the ratio ours / plain loop (Lightning's overhead); writes outputs/bench/bench.json.
-Any config override of `python -m pipeline stage=pretrain` applies.
+Rows (each with tokens/s of both sides and the ratio ours / peer):
+- pretraining: our Lightning stage vs a plain PyTorch loop over our GPT, and vs a plain loop over the
+  `transformers` model of the same architecture and weights (GPT-2 or Llama, as `stage=export` writes);
+  all train the same config on the same random token blocks with the same optimiser;
+- SFT: our SFT stage's LightningModule under a Trainer vs TRL's `SFTTrainer` on the exported model,
+  the same pre-tokenised prompt-completion rows (loss on completions only), batch, optimiser settings and
+  precision, without gradient checkpointing (which SFTConfig turns on by default);
+- generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
+  exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
+  `bench.gen_tokens` new tokens (no stopping at EOS).
+The first steps / calls (allocation, compilation) are not timed; rates come from the median step or
+call, which bursts of other jobs' load on a shared machine move less than a mean. Prints a table, MFU where the GPU's
+peak is known; writes outputs/bench/bench.json. Any config override of `python -m pipeline stage=pretrain`
+applies.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -24,12 +35,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.model import GPT
+from pipeline.export import to_transformers
+from pipeline.model import GPT, generate
 from pipeline.pretrain import PretrainModule, model_config_from
-from pipeline.training import Batches, Throughput, adamw_with_schedule, device_peak_flops
+from pipeline.training import Batches, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1}
 
 
 def compose_config(overrides: list[str]):
@@ -40,6 +52,41 @@ def compose_config(overrides: list[str]):
     with open_dict(cfg):
         cfg.bench = {**BENCH_DEFAULTS, **{k[len("bench.") :]: int(v) for k, v in bench.items()}}
     return cfg
+
+
+class StepTimes(pl.Callback):
+    """Seconds of each optimisation step after the warm-up ones (a Lightning callback; the loops call begin/end).
+
+    Rates come from the median step: on a machine shared with other jobs a burst of their load slows
+    a few steps, and the median ignores those where a mean would not.
+    """
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.seconds: list[float] = []
+        self._start = None
+        self._seen = 0
+
+    def begin(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def end(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    def rate(self, tokens_per_step: int) -> float:
+        return tokens_per_step / statistics.median(self.seconds)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.begin()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end()
 
 
 def random_blocks(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -62,57 +109,181 @@ def autocast(cfg, device):
     return nullcontext()
 
 
-def plain_loop(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> float:
-    """Tokens/s of a bare training loop: forward, loss, backward, clip, AdamW step."""
+def plain_loop(cfg, model: torch.nn.Module, blocks, batch_size: int, steps: int, warmup: int) -> float:
+    """Tokens/s of a bare training loop: forward, loss, backward, clip, AdamW step.
+
+    model is our GPT or a transformers causal LM (whose forward returns an output with .logits).
+    """
     device = device_of(cfg)
-    torch.manual_seed(0)
-    model = GPT(model_config).to(device)
+    model = model.to(device).train()
     if cfg.model.get("compile"):
         model.compile()
     optim = adamw_with_schedule(model, cfg.model, cfg.trainer.max_steps)["optimizer"]
     data = torch.stack([b["input_ids"] for b in blocks]).to(device)
-    seconds = 0.0
+    timer = StepTimes(warmup, device)
     for step in range(warmup + steps):
         batch = data[(step * batch_size) % len(data) :][:batch_size]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        timer.begin()
         with autocast(cfg, device):
             logits = model(batch[:, :-1])
+            logits = getattr(logits, "logits", logits)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            seconds += time.perf_counter() - start
-    return steps * batch_size * (data.size(1) - 1) / seconds
+        timer.end()
+    return timer.rate(batch_size * (data.size(1) - 1))
 
 
-def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Tokens/s of our pretraining LightningModule under a real Trainer (no logger, no checkpoints)."""
-    pl.seed_everything(0, verbose=False)
-    module = PretrainModule(model_config.to_dict(), OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
-    seq_len = blocks[0]["input_ids"].numel() - 1
-    throughput = Throughput(module.model.flops_per_token(seq_len), skip_steps=warmup)
-    trainer = pl.Trainer(
+def fresh_models(model_config) -> tuple[GPT, torch.nn.Module]:
+    """Our GPT and the transformers model with the same weights (seeded, so every side starts equal)."""
+    torch.manual_seed(0)
+    ours = GPT(model_config)
+    return ours, to_transformers(ours)
+
+
+def generation_speed(cfg, model_config, batch_size: int) -> tuple[float, float]:
+    """New tokens/s of greedy generation at one batch size: (ours, transformers), same weights and prompts."""
+    device = device_of(cfg)
+    ours, theirs = fresh_models(model_config)
+    ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+    new, prompt_len = cfg.bench.gen_tokens, cfg.bench.gen_prompt
+    if prompt_len + new > model_config.block_size:
+        raise ValueError(f"bench.gen_prompt + bench.gen_tokens = {prompt_len + new} exceeds block_size={model_config.block_size}")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model_config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(prompts)
+
+    def run_ours():
+        out = generate(ours, prompts, mask, max_new_tokens=new, temperature=0.0, eos_id=None)
+        assert out.tokens.size(1) == new
+
+    def run_theirs():
+        # min_new_tokens = max_new_tokens: transformers never stops early, like ours without eos_id.
+        out = theirs.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        assert out.size(1) == prompt_len + new
+
+    figures = []
+    for fn in (run_ours, run_theirs):
+        fn()  # warm-up: allocation, first-call costs
+        seconds = []
+        for _ in range(cfg.bench.gen_repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad(), autocast(cfg, device):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        figures.append(batch_size * new / statistics.median(seconds))  # the median call: bursts of other load skew a mean
+    return figures[0], figures[1]
+
+
+def bench_trainer(cfg, max_steps: int, timer: StepTimes) -> pl.Trainer:
+    """A real Trainer with the configured precision and clipping, without logger, checkpoints or validation."""
+    return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=cfg.trainer.precision,
-        max_steps=warmup + steps,
+        max_steps=max_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[throughput],
+        callbacks=[timer],
     )
-    trainer.fit(module, datamodule=Batches(blocks, blocks[:batch_size], batch_size))
-    figures = throughput.figures(trainer)
-    return figures["perf/tokens_per_s"], module.model.flops_per_token(seq_len)
+
+
+def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Tokens/s of our pretraining LightningModule under a real Trainer, and its training FLOPs per token."""
+    pl.seed_everything(0, verbose=False)
+    module = PretrainModule(model_config.to_dict(), OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
+    seq_len = blocks[0]["input_ids"].numel() - 1
+    timer = StepTimes(warmup, device_of(cfg))
+    bench_trainer(cfg, warmup + steps, timer).fit(module, datamodule=Batches(blocks, blocks[:batch_size], batch_size))
+    return timer.rate(batch_size * seq_len), module.model.flops_per_token(seq_len)
+
+
+def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
+    """Prompt-completion rows of seq_len tokens, the first quarter prompt (no loss), as both sides take them.
+
+    seq_len, not seq_len + 1: transformers' models take the whole row (and shift the labels inside),
+    and a GPT-2 has no position beyond block_size.
+    """
+    from pipeline.sft import IGNORE
+
+    prompt = max(1, seq_len // 4)
+    rows = []
+    for r in random_blocks(n, seq_len - 1, vocab, seed=1):
+        ids = r["input_ids"].tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:], "completion_mask": [0] * prompt + [1] * (len(ids) - prompt)})
+    return rows
+
+
+def word_tokenizer(vocab: int):
+    """A tokenizer over the ids the random rows use: TRL wants one (for padding), though the rows are tokenised already."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
+
+
+def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Tokens/s of SFT: (our SFTModule under Lightning, TRL SFTTrainer), same rows, weights, batch and optimiser."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.sft import PadCollator, SFTModule
+
+    seq_len = cfg.data.seq_len
+    rows = sft_rows(batch_size * 8, seq_len, model_config.vocab_size)
+    device = device_of(cfg)
+    optim = OmegaConf.to_container(cfg.model, resolve=True)
+
+    pl.seed_everything(0, verbose=False)
+    module = SFTModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
+    ours_timer = StepTimes(warmup, device)
+    ours_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PadCollator(0)))
+
+    trl_timer = StepTimes(warmup, device)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            trl_timer.begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            trl_timer.end()
+
+    _, hf_model = fresh_models(model_config)
+    precision = str(cfg.trainer.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
+            weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
+            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len, completion_only_loss=True,
+            # SFTConfig turns gradient checkpointing and bf16 on by default; ours recomputes nothing and follows trainer.precision.
+            gradient_checkpointing=False,
+            bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
+            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
+        )
+        data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
+        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
+        sft.train()
+    # seq_len tokens per row on both sides; seq_len - 1 of them are predicted.
+    return ours_timer.rate(batch_size * (seq_len - 1)), trl_timer.rate(batch_size * (seq_len - 1))
+
+
+def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
+    return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
 
 
 def main(argv: list[str]) -> dict:
@@ -122,14 +293,29 @@ def main(argv: list[str]) -> dict:
     batch_size = cfg.bench.batch_size or cfg.data.batch_size
     steps, warmup = cfg.bench.steps, cfg.bench.warmup
     blocks = random_blocks(batch_size * 8, seq_len, model_config.vocab_size)
-    plain_loop(cfg, model_config, blocks, batch_size, 2, warmup)  # the process's first-touch costs, paid by neither side
+    ours_model, hf_model = fresh_models(model_config)
+    arch = type(hf_model).__name__
+    plain_loop(cfg, GPT(model_config), blocks, batch_size, 2, warmup)  # the process's first-touch costs, paid by neither side
     ours, flops_per_token = lightning_stage(cfg, model_config, blocks, batch_size, steps, warmup)
-    plain = plain_loop(cfg, model_config, blocks, batch_size, steps, warmup)
+    plain = plain_loop(cfg, ours_model, blocks, batch_size, steps, warmup)
+    hf_plain = plain_loop(cfg, hf_model, blocks, batch_size, steps, warmup)
+    rows = [
+        row("pretrain: Lightning stage vs plain loop, our GPT", ours, "plain PyTorch loop, our GPT", plain),
+        row(f"pretrain: Lightning stage vs plain loop, transformers {arch}", ours, f"plain PyTorch loop, transformers {arch}", hf_plain),
+        row(f"pretrain: plain loop, our GPT vs transformers {arch}", plain, f"plain PyTorch loop, transformers {arch}", hf_plain),
+    ]
+    if cfg.bench.sft:
+        s_ours, s_trl = sft_speed(cfg, model_config, batch_size, steps, warmup)
+        rows.append(row("sft: Lightning stage vs TRL SFTTrainer (completion-only loss)", s_ours, f"TRL SFTTrainer, transformers {arch}", s_trl))
+    for gen_batch in sorted({1, cfg.bench.gen_batch}):
+        g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
+        rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
     device = device_of(cfg)
     peak = device_peak_flops() if device.type == "cuda" else None
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": {k: v for k, v in model_config.to_dict().items()},
+        "transformers_architecture": arch,
         "params": GPT(model_config).num_params(),
         "precision": str(cfg.trainer.precision),
         "batch_size": batch_size,
@@ -137,17 +323,23 @@ def main(argv: list[str]) -> dict:
         "compile": bool(cfg.model.get("compile")),
         "ours_tokens_per_s": ours,
         "plain_loop_tokens_per_s": plain,
+        "transformers_loop_tokens_per_s": hf_plain,
         "ratio_ours_over_plain": ours / plain,
+        "generation": {"prompt_tokens": cfg.bench.gen_prompt, "new_tokens": cfg.bench.gen_tokens, "repeats": cfg.bench.gen_repeats},
+        "rows": rows,
     }
     if peak:
         result["ours_mfu"] = ours * flops_per_token / peak
         result["plain_loop_mfu"] = plain * flops_per_token / peak
-    print(f"\npretraining throughput on {result['device']}: {result['params'] / 1e6:.1f}M parameters, batch {batch_size} x {seq_len} tokens, {result['precision']}")
-    print(f"{'':24}{'tokens/s':>12}{'MFU':>8}")
-    for name, key in (("pipeline (Lightning)", "ours"), ("plain PyTorch loop", "plain_loop")):
-        mfu = f"{result[key + '_mfu']:.1%}" if peak else "-"
-        print(f"{name:24}{result[key + '_tokens_per_s']:>12,.0f}{mfu:>8}")
-    print(f"ratio ours / plain loop: {result['ratio_ours_over_plain']:.3f}")
+        result["transformers_loop_mfu"] = hf_plain * flops_per_token / peak
+    print(f"\nthroughput on {result['device']}: {result['params'] / 1e6:.1f}M parameters ({arch} when exported), {result['precision']}")
+    print(f"pretraining: batch {batch_size} x {seq_len} tokens; generation: {cfg.bench.gen_prompt}-token prompts, {cfg.bench.gen_tokens} new tokens")
+    if peak:
+        print("MFU: " + ", ".join(f"{k[:-4]} {result[k]:.1%}" for k in ("ours_mfu", "plain_loop_mfu", "transformers_loop_mfu")))
+    width = max(len(r["row"]) for r in rows)
+    print(f"{'row':{width}}  {'ours tok/s':>12}  {'peer tok/s':>12}  {'ours/peer':>9}  peer")
+    for r in rows:
+        print(f"{r['row']:{width}}  {r['ours_tokens_per_s']:>12,.0f}  {r['peer_tokens_per_s']:>12,.0f}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}")
     out = Path(cfg.paths.root) / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -26,6 +26,7 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads; fewer than n_head = grouped-query attention
     n_embd: int = 128  # width of the residual stream
     mlp_ratio: float = 4.0  # hidden width of the MLP over n_embd (SwiGLU uses 2/3 of it, as Llama does)
+    mlp_hidden_size: int | None = None  # explicit hidden width, overriding mlp_ratio (imported models have any width)
     dropout: float = 0.0  # on attention weights and residual branches; RL turns it off
     bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 has them)
     pos_emb: str = "rope"  # "rope" (rotary) or "learned" (absolute, GPT-2)
@@ -56,6 +57,8 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
         hidden = int(self.mlp_ratio * self.n_embd)
         if self.mlp == "swiglu":  # three matrices instead of two: keep the parameter count comparable
             hidden = 64 * math.ceil(2 * hidden / 3 / 64)

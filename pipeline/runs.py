@@ -8,6 +8,9 @@ Layout of one stage run (Hydra creates the directory, named after the command-li
         tokenizer/         the tokenizer the model was trained with
         model.pt           the finished model: config + weights (+ extra such as reward normalisation)
         metrics.json       the stage's final figures; its presence marks the run as finished
+
+An export run (`stage=export`) holds hf/ (a transformers folder) and metrics.json instead. Every
+stage's init_from also takes a transformers folder (pipeline/export.py maps it to our model).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,6 +70,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_dir_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """fill() a temporary folder beside `directory`, then swap it in.
+
+    Readers never see a half-written folder: they see the old one or the new one. os.replace cannot
+    overwrite a non-empty folder, so the old one is moved aside first and deleted after the swap.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; results are meant to be shared
+        fill(tmp)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            os.replace(directory, old / "previous")
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
 
@@ -102,11 +132,17 @@ def resolve_init_from(init_from: str | None, stage: str, root: Path) -> Path:
 
 
 def model_file(path: Path) -> Path:
-    """Accept a run directory, a model.pt or a Lightning .ckpt and return the file to load."""
+    """Accept a run directory, a model.pt, a Lightning .ckpt or a transformers folder and return what to load."""
+    from pipeline.export import is_transformers_dir
+
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
-        raise UserError(f"init_from={path} is a directory without {MODEL_FILE}: is it a finished stage run?")
+        if is_transformers_dir(path):
+            return path
+        if is_transformers_dir(path / "hf"):  # an export run's directory
+            return path / "hf"
+        raise UserError(f"init_from={path} is a directory without {MODEL_FILE} or config.json: is it a finished stage run or a transformers model folder?")
     if not path.is_file():
         raise UserError(f"init_from={path}: no such file or directory")
     return path
@@ -129,8 +165,12 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def load_model_payload(path: Path) -> dict:
-    """Read a model.pt, or the weights inside a Lightning checkpoint of one of our stages."""
+    """Read a model.pt, the weights inside a Lightning checkpoint of one of our stages, or a transformers folder."""
+    from pipeline.export import is_transformers_dir, load_transformers
+
     path = Path(path)
+    if is_transformers_dir(path):
+        return load_transformers(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which
@@ -179,19 +219,25 @@ def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_
 def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = GPT, **config_updates):
     """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest previous run.
 
-    The tokenizer is the one saved beside the model (run_dir/tokenizer/), so a stage can never pair
-    weights with a different vocabulary.
+    The tokenizer is the one saved beside the model (run_dir/tokenizer/), or a transformers folder's
+    own, so a stage can never pair weights with a different vocabulary.
     """
+    from pipeline.export import grow_vocab
     from pipeline.tokenizer import load_tokenizer
 
     path = resolve_init_from(init_from, stage, root)
     payload = load_model_payload(path)
-    model = build_model(payload, cls, path, **config_updates)
-    candidates = [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
+    # A transformers folder holds its tokenizer files itself.
+    candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
     tokenizer_dir = next((c for c in candidates if c.is_dir()), None)
     if tokenizer_dir is None:
         raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
     tokenizer = load_tokenizer(tokenizer_dir)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={model.config.vocab_size}")
+    vocab_size = payload["config"]["vocab_size"]
+    if len(tokenizer) > vocab_size and path.is_dir():
+        # A foreign tokenizer gained our pad, BOS and role tokens in load_tokenizer: give them embedding rows.
+        payload = grow_vocab(payload, len(tokenizer))
+    elif len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
+    model = build_model(payload, cls, path, **config_updates)
     return model, tokenizer, payload, path

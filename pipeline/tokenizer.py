@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -96,28 +93,10 @@ def _wrap(backend) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
-    """save_pretrained into a temporary folder beside `directory`, then swap it in.
+    """save_pretrained into a temporary folder beside `directory`, then swap it in (runs.write_dir_atomically)."""
+    from pipeline.runs import write_dir_atomically
 
-    Readers never see a half-written folder: they see the old one or the new one.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    old = None
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        if directory.exists():
-            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-            os.replace(directory, old / "previous")
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return directory
+    return write_dir_atomically(Path(directory), lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def _read_tokenizer(path: Path) -> PreTrainedTokenizerFast:

@@ -211,8 +211,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, model_config: dict | None 
             saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("model_config")
         except Exception as e:
             raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-        if saved is not None and saved != model_config:
-            diff = {k: (saved.get(k), model_config.get(k)) for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)}
+        # Compared key by key: a checkpoint from before a new config field (saved without it, default None) still fits.
+        diff = {} if saved is None else {k: (saved.get(k), model_config.get(k)) for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)}
+        if diff:
             details = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise UserError(f"checkpoint {path} holds a model of another architecture ({details})")
     return str(path)
