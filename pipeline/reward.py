@@ -27,8 +27,8 @@ from torchmetrics import MeanMetric
 from pipeline import data as data_lib
 from pipeline import runs
 from pipeline.errors import UserError
-from pipeline.evaluate import left_pad, prompt_ids
-from pipeline.model import GPTConfig, ScalarGPT, last_token_index
+from pipeline.evaluate import complete, left_pad, prompt_ids, prompt_text
+from pipeline.model import GPT, GPTConfig, ScalarGPT, last_token_index
 from pipeline.sft import encode_ids, render
 from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, datasets_cache, finish, resume_checkpoint
 
@@ -168,6 +168,33 @@ def reference_sequences(cfg: DictConfig, tokenizer, pairs_val, fmt, max_len: int
     return [list(s) for s in pairs_val["chosen_ids"]], "chosen responses of the validation split"
 
 
+def policy_pairs(cfg: DictConfig, model, tokenizer, split: str, n: int, path: Path) -> list[dict]:
+    """Two samples of the starting (SFT) policy for each of n embedded-task prompts, labelled by the simulated annotator.
+
+    These are the comparisons InstructGPT's labellers made: between the policy's own answers, so the
+    reward model learns the distinctions that PPO's rollouts will present to it. Kept in the run
+    directory, so a resumed run trains on the same pairs.
+    """
+    import json
+
+    from pipeline.task import labelled_pairs
+
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    prompts_path = data_lib.embedded_task(Path(cfg.paths.cache_dir), "prompts")
+    prompts = data_lib.load_data(str(prompts_path), cache_dir=datasets_cache(cfg))[split]["prompt"][:n]
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + len(split))
+    answers = complete(
+        model, tokenizer, prompts + prompts, max_new_tokens=cfg.reward.policy_max_new_tokens,
+        temperature=cfg.reward.policy_temperature, batch_size=256, generator=generator,
+    )
+    texts = [prompt_text(p) for p in prompts]
+    rows = labelled_pairs(texts, answers[: len(prompts)], answers[len(prompts) :], seed=cfg.seed)
+    runs.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    log.info("reward: %d %s pairs of the starting policy's samples (of %d prompts; ties dropped)", len(rows), split, len(prompts))
+    return rows
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
@@ -180,6 +207,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         data_lib.validate_rows(ds[split], fmt, f"{source} [{split}]")
     max_len = base.config.block_size
     pairs = {split: encode_pairs(ds[split], tokenizer, fmt, max_len, f"{source} [{split}]") for split in ds}
+    policy_test = None
+    if not cfg.data.path and cfg.reward.policy_pairs:
+        import datasets
+
+        def encoded(rows, name):
+            return encode_pairs(datasets.Dataset.from_list(rows), tokenizer, fmt, max_len, name).cast(pairs["train"].features)
+
+        policy_lm = runs.build_model(payload, GPT, start_path)  # the starting model as a language model, to sample from
+        train_rows = policy_pairs(cfg, policy_lm, tokenizer, "train", int(cfg.reward.policy_pairs), run_dir / "policy_pairs_train.jsonl")
+        pairs["train"] = datasets.concatenate_datasets([pairs["train"], encoded(train_rows, "policy pairs [train]")]).shuffle(seed=cfg.seed)
+        test_rows = policy_pairs(cfg, policy_lm, tokenizer, "test", int(cfg.reward.policy_pairs_test), run_dir / "policy_pairs_test.jsonl")
+        policy_test = encoded(test_rows, "policy pairs [test]") if test_rows else None
     log.info("reward: %s, %d train pairs, starting from %s", source, len(pairs["train"]), start_path)
 
     module = RewardModule(
@@ -202,6 +241,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     held_out = "test" if "test" in pairs else "validation"
     test = trainer.validate(module, dataloaders=DataLoader(pairs[held_out], batch_size=cfg.data.batch_size, collate_fn=PairCollator(tokenizer.pad_token_id)), verbose=False)[0]
+    policy = None
+    if policy_test is not None:
+        loader = DataLoader(policy_test, batch_size=cfg.data.batch_size, collate_fn=PairCollator(tokenizer.pad_token_id))
+        policy = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}
     module.model.to(module.device)
@@ -225,5 +268,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if "val/accuracy_gold" in test:
         metrics[f"{held_out}/accuracy_gold"] = test["val/accuracy_gold"]
+    if policy is not None:  # pairs of the SFT policy's own samples to held-out prompts: what PPO will ask of the RM
+        metrics.update({"policy_test/accuracy": policy["val/accuracy"], "policy_test/accuracy_gold": policy["val/accuracy_gold"], "policy_test/pairs": len(policy_test)})
     finish(run_dir, module.model, tokenizer, metrics, trainer, kind="scalar", stage="reward", extra=normaliser)
     return metrics

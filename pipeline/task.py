@@ -686,17 +686,41 @@ def preference_rows(split: str, n: int, seed: int = 0, label_noise: float = LABE
             chosen, rejected, gold_c, gold_r = a, b, gold_a, gold_b
         else:
             chosen, rejected, gold_c, gold_r = b, a, gold_b, gold_a
-        rows.append(
-            {
-                "prompt": _user(prompt),
-                "chosen": _assistant(chosen),
-                "rejected": _assistant(rejected),
-                "chosen_gold": gold_c,
-                "rejected_gold": gold_r,
-                "label_is_gold": gold_c > gold_r,
-            }
-        )
+        rows.append(_preference_row(prompt, chosen, rejected, gold_c, gold_r))
     return rows
+
+
+def labelled_pairs(
+    prompts: list[str], responses_a: list[str], responses_b: list[str], seed: int = 0, label_noise: float = LABEL_NOISE, bias: float = BIAS
+) -> list[dict]:
+    """Preference rows from two responses per prompt (e.g. two samples of a policy), labelled by the simulated annotator.
+
+    Pairs of equal gold score carry no preference and are dropped, as preference_rows never makes them.
+    """
+    _check_annotator(label_noise, bias)
+    rng = _rng("labelled", str(len(prompts)), seed)
+    rows = []
+    for prompt, a, b in zip(prompts, responses_a, responses_b):
+        gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+        if gold_a == gold_b:
+            continue
+        if _judge_pair(rng, a, b, gold_a, gold_b, label_noise, bias):
+            chosen, rejected, gold_c, gold_r = a, b, gold_a, gold_b
+        else:
+            chosen, rejected, gold_c, gold_r = b, a, gold_b, gold_a
+        rows.append(_preference_row(prompt, chosen, rejected, gold_c, gold_r))
+    return rows
+
+
+def _preference_row(prompt: str, chosen: str, rejected: str, gold_c: float, gold_r: float) -> dict:
+    return {
+        "prompt": _user(prompt),
+        "chosen": _assistant(chosen),
+        "rejected": _assistant(rejected),
+        "chosen_gold": gold_c,
+        "rejected_gold": gold_r,
+        "label_is_gold": gold_c > gold_r,
+    }
 
 
 DEFAULT_SIZES = {

@@ -96,6 +96,9 @@ def test_reward_model_separates_a_separable_toy_set(tok):
     assert (chosen > rejected).float().mean().item() == 1.0
 
 
+POLICY_PAIRS = ["reward.policy_pairs=48", "reward.policy_pairs_test=24", "reward.policy_max_new_tokens=8"]
+
+
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory):
     """pretrain -> sft -> reward on tiny settings through `python -m pipeline`."""
@@ -106,7 +109,7 @@ def pipeline_runs(tmp_path_factory):
     run_pipeline("stage=pretrain", f"data.path={corpus}", "trainer.max_steps=8", "trainer.val_check_interval=4", "logger=csv", *tiny, root=root)
     trainer = ["logger=csv", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "data.batch_size=8"]
     run_pipeline("stage=sft", "trainer.max_steps=8", "eval.num_prompts=8", "eval.max_new_tokens=8", *trainer, root=root)
-    run_pipeline("stage=reward", "trainer.max_steps=8", *trainer, root=root)
+    run_pipeline("stage=reward", "trainer.max_steps=8", *POLICY_PAIRS, *trainer, root=root)
     return root
 
 
@@ -128,7 +131,12 @@ def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_ru
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("val/accuracy", "test/accuracy", "test/accuracy_gold", "test/chosen_reward", "test/rejected_reward", "normalise/reward_mean"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    payload = torch.load(run / "model.pt", weights_only=False)
+    # Pairs of the SFT policy's own samples joined the training data, and their held-out twins were scored.
+    policy_train = [json.loads(line) for line in (run / "policy_pairs_train.jsonl").read_text().splitlines()]
+    assert 0 < len(policy_train) <= 48 and metrics["train/pairs"] >= len(policy_train)
+    assert all(r["chosen_gold"] != r["rejected_gold"] for r in policy_train)
+    if metrics["policy_test/pairs"]:
+        assert 0.0 <= metrics["policy_test/accuracy"] <= 1.0    payload = torch.load(run / "model.pt", weights_only=False)
     model = ScalarGPT(GPTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     from pipeline.tokenizer import load_tokenizer
@@ -151,7 +159,7 @@ def test_preference_file_given_to_sft_is_refused(tmp_path, pipeline_runs):
 def test_sft_and_reward_under_two_process_ddp(pipeline_runs):
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
     run_pipeline("stage=sft", *ddp, "data.batch_size=4", "eval.num_prompts=4", "eval.max_new_tokens=4", "logger=csv", root=pipeline_runs, timeout=600)
-    run_pipeline("stage=reward", *ddp, "data.batch_size=4", "logger=csv", root=pipeline_runs, timeout=600)
+    run_pipeline("stage=reward", *ddp, *POLICY_PAIRS, "data.batch_size=4", "logger=csv", root=pipeline_runs, timeout=600)
     for stage in ("sft", "reward"):
         runs = [d for d in (pipeline_runs / stage).iterdir() if "trainer=ddp" in (d / ".hydra" / "overrides.yaml").read_text()]
         assert len(runs) == 1

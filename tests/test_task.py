@@ -117,7 +117,7 @@ def _prompt_text(kind: str, row: dict) -> str:
 
 def test_default_rows_sizes_runtime_and_disjoint_splits(defaults):
     rows, seconds = defaults
-    assert seconds < 5.0
+    assert seconds < 30.0  # about 3 s on an idle 2-core machine; a bound that catches a blow-up, not a benchmark
     assert set(rows) == {"sft", "preference", "prompts"}
     home: dict[str, str] = {}  # prompt text -> the one split it may appear in, across all kinds
     for kind, splits in rows.items():
@@ -217,3 +217,15 @@ def test_preference_labels_follow_noise_and_bias_settings():
         task.preference_rows("train", 10, label_noise=1.5)
     with pytest.raises(ValueError, match="unknown split"):
         task.sft_rows("dev", 10)
+
+
+def test_labelled_pairs_drop_ties_and_follow_the_gold_judge_without_noise():
+    prompt = "Reverse the order of these words: bird, lamp, river"
+    a = ["river, lamp, bird", "bird, lamp, river", "river, lamp, bird"]
+    b = ["river, bird", "river, lamp, bird", "river, lamp, bird"]  # the last pair ties: no preference to learn
+    rows = task.labelled_pairs([prompt] * 3, a, b, label_noise=0.0, bias=0.0)
+    assert len(rows) == 2
+    assert [r["chosen"][0]["content"] for r in rows] == ["river, lamp, bird", "river, lamp, bird"]
+    assert all(r["chosen_gold"] > r["rejected_gold"] and r["label_is_gold"] for r in rows)
+    flipped = task.labelled_pairs([prompt] * 3, a, b, label_noise=1.0, bias=0.0)
+    assert [r["chosen"][0]["content"] for r in flipped] == ["river, bird", "bird, lamp, river"]
