@@ -238,6 +238,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     best = checkpoint.best_model_path
     if best and Path(best).is_file():
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    trainer.limit_val_batches = 1.0  # the final figures cover every held-out pair, not the sample that steered checkpointing
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     held_out = "test" if "test" in pairs else "validation"
     test = trainer.validate(module, dataloaders=DataLoader(pairs[held_out], batch_size=cfg.data.batch_size, collate_fn=PairCollator(tokenizer.pad_token_id)), verbose=False)[0]
