@@ -208,17 +208,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     max_len = base.config.block_size
     pairs = {split: encode_pairs(ds[split], tokenizer, fmt, max_len, f"{source} [{split}]") for split in ds}
     policy_test = None
-    if not cfg.data.path and cfg.reward.policy_pairs:
+    if not cfg.data.path and (cfg.reward.policy_pairs or cfg.reward.policy_pairs_test):
         import datasets
 
         def encoded(rows, name):
             return encode_pairs(datasets.Dataset.from_list(rows), tokenizer, fmt, max_len, name).cast(pairs["train"].features)
 
         policy_lm = runs.build_model(payload, GPT, start_path)  # the starting model as a language model, to sample from
-        train_rows = policy_pairs(cfg, policy_lm, tokenizer, "train", int(cfg.reward.policy_pairs), run_dir / "policy_pairs_train.jsonl")
-        pairs["train"] = datasets.concatenate_datasets([pairs["train"], encoded(train_rows, "policy pairs [train]")]).shuffle(seed=cfg.seed)
-        test_rows = policy_pairs(cfg, policy_lm, tokenizer, "test", int(cfg.reward.policy_pairs_test), run_dir / "policy_pairs_test.jsonl")
-        policy_test = encoded(test_rows, "policy pairs [test]") if test_rows else None
+        if cfg.reward.policy_pairs:
+            train_rows = policy_pairs(cfg, policy_lm, tokenizer, "train", int(cfg.reward.policy_pairs), run_dir / "policy_pairs_train.jsonl")
+            pairs["train"] = datasets.concatenate_datasets([pairs["train"], encoded(train_rows, "policy pairs [train]")]).shuffle(seed=cfg.seed)
+        if cfg.reward.policy_pairs_test:
+            test_rows = policy_pairs(cfg, policy_lm, tokenizer, "test", int(cfg.reward.policy_pairs_test), run_dir / "policy_pairs_test.jsonl")
+            policy_test = encoded(test_rows, "policy pairs [test]") if test_rows else None
     log.info("reward: %s, %d train pairs, starting from %s", source, len(pairs["train"]), start_path)
 
     module = RewardModule(
