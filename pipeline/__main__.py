@@ -95,6 +95,11 @@ def run_all(cfg: DictConfig) -> None:
             raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
         previous = stage_dir
     log.info("pipeline finished: runs under %s/*/%s", root, name)
+    from pipeline.report import write_report
+
+    wandb_project = cfg.logger.project if cfg.logger.name == "wandb" else None
+    report = write_report(Path(cfg.paths.run_dir), max_new_tokens=int(cfg.eval.max_new_tokens), wandb_project=wandb_project)
+    log.info("report: %s", report)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
