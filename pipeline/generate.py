@@ -5,7 +5,8 @@
     python -m pipeline stage=generate init_from=outputs/sft/default        # chat in the terminal
 
 The model is `init_from` (a run directory, a model.pt or a Lightning .ckpt), else the newest
-finished PPO run, else SFT, else pretrain. Answers are printed and written to generations.jsonl in
+finished PPO run, else SFT, else pretrain. Text prompts reach SFT and PPO models as a user turn of
+the chat template (what they were trained on), pretrained models as plain text (`chat=`). Answers are printed and written to generations.jsonl in
 this run's directory. A generate run writes no model.pt, so it is never a finished run that a
 rerun skips or that a training stage starts from.
 """
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from pipeline import runs
 from pipeline.errors import UserError
-from pipeline.evaluate import complete, prompt_ids
+from pipeline.evaluate import complete, prompt_ids, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,25 @@ def policy_file(init_from: str | None, root: Path) -> Path:
 
 
 def load_policy(init_from: str | None, root: Path):
-    """(model, tokenizer, path) of a language model; a reward model is refused with its file named."""
+    """(model, tokenizer, path, stage) of a language model; a reward model is refused with its file named."""
     path = policy_file(init_from, root)
     model, tokenizer, payload, path = runs.load_start(str(path), "generate", root)
     if payload.get("kind") == "scalar":
         raise UserError(f"init_from={path} is a reward model (a scalar head), not a policy: give an sft, ppo or pretrain run")
-    return model.eval(), tokenizer, path
+    return model.eval(), tokenizer, path, payload.get("stage")
+
+
+def wants_chat(chat, stage: str | None) -> bool:
+    """Whether text prompts become a user turn of the chat template: auto means for instruction-tuned models.
+
+    SFT and PPO learn answers after the chat template's assistant marker; a pretrained model only
+    continues text. A Lightning .ckpt does not say its stage, so auto treats it as plain text.
+    """
+    if chat == "auto":
+        return stage in ("sft", "ppo")
+    if isinstance(chat, bool):
+        return chat
+    raise UserError(f"chat={chat!r} must be auto, true or false")
 
 
 def read_prompts(path: Path) -> list:
@@ -120,11 +134,13 @@ def write_generations(run_dir: Path, rows: list[dict]) -> Path:
     return path
 
 
-def chat(model, tokenizer, settings: dict, generator, run_dir: Path, model_path: Path) -> list[dict]:
+def chat(model, tokenizer, settings: dict, generator, run_dir: Path, model_path: Path, stage: str | None) -> list[dict]:
     """Multi-turn chat on the terminal: the whole conversation goes through the chat template each turn."""
     conversation: list[dict] = []
     rows: list[dict] = []
     print(f"chatting with {model_path} ('exit' or Ctrl-D to quit)", flush=True)
+    if not wants_chat("auto", stage):
+        print("note: this model was not instruction-tuned; it has never seen the chat template", flush=True)
     while True:
         try:
             text = input("you> ")
@@ -152,7 +168,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     settings = decoding(cfg)
     if cfg.prompt is not None and cfg.prompts_file is not None:
         raise UserError("give prompt=... or prompts_file=..., not both")
-    model, tokenizer, path = load_policy(cfg.init_from, Path(cfg.paths.root))
+    model, tokenizer, path, stage = load_policy(cfg.init_from, Path(cfg.paths.root))
+    chat_turns = wants_chat(cfg.chat, stage)
     if torch.cuda.is_available():
         model.cuda()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(cfg.seed))
@@ -160,17 +177,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.prompt is None and cfg.prompts_file is None:
         if not sys.stdin.isatty():
             raise UserError("nothing to answer: give prompt=\"...\" or prompts_file=FILE (or run in a terminal to chat)")
-        rows = chat(model, tokenizer, settings, generator, run_dir, path)
+        rows = chat(model, tokenizer, settings, generator, run_dir, path, stage)
     else:
         if cfg.prompt is not None:
             prompts, source = [str(cfg.prompt)], "prompt"
         else:
             prompts, source = read_prompts(Path(cfg.prompts_file)), str(cfg.prompts_file)
+        # Text from the command line or a .txt file has no format of its own; a .jsonl row's text is
+        # TRL's standard (non-chat) format and stays as it is.
+        if chat_turns and (cfg.prompt is not None or Path(cfg.prompts_file).suffix == ".txt"):
+            prompts = [[{"role": "user", "content": p}] for p in prompts]
         check_lengths(prompts, tokenizer, model.config.block_size, source)
         answers = complete(model, tokenizer, prompts, generator=generator, **settings)
         rows = [{"prompt": p, "response": a} for p, a in zip(prompts, answers)]
         for row in rows:
-            shown = row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"], ensure_ascii=False)
+            shown = prompt_text(row["prompt"])
             print(f">>> {shown}\n{row['response']}\n", flush=True)
         write_generations(run_dir, rows)
     log.info("%d answers from %s written to %s", len(rows), path, run_dir / GENERATIONS_FILE)

@@ -29,7 +29,8 @@ def save_run(root: Path, stage: str, name: str, cls=GPT, seed: int = 0) -> Path:
     """A finished stage run as the pipeline writes one: model.pt, tokenizer/ and metrics.json."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(TEXTS, 300)
-    model = cls(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    # Untied: a random tied model only repeats its last input token (a special one after the chat template).
+    model = cls(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False))
     run_dir = root / stage / name
     save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
     runs.save_model(run_dir / runs.MODEL_FILE, model, kind="scalar" if cls is ScalarGPT else "lm", stage=stage)
@@ -52,14 +53,15 @@ def test_greedy_answers_are_deterministic_and_those_of_complete(outputs_root):
     sft = save_run(outputs_root, "sft", "a", seed=2)
     prompt = "Reverse the list: a b c"
     first = run_pipeline("stage=generate", f"prompt={prompt}", "max_new_tokens=12", root=outputs_root)
-    second = run_pipeline("stage=generate", f"prompt={prompt}", "max_new_tokens=12", "rerun=true", root=outputs_root)
+    (gen_dir,) = [d for d in (outputs_root / "generate").iterdir() if d.is_dir()]
+    first_rows = read_jsonl(gen_dir / generate.GENERATIONS_FILE)
+    second = run_pipeline("stage=generate", f"prompt={prompt}", "max_new_tokens=12", root=outputs_root)
 
     model, tokenizer, _, _ = runs.load_start(str(sft), "generate", outputs_root)
-    expected = complete(model.eval(), tokenizer, [prompt], max_new_tokens=12)[0]
-    (gen_dir,) = [d for d in (outputs_root / "generate").iterdir() if d.is_dir()]
-    rows = read_jsonl(gen_dir / generate.GENERATIONS_FILE)
-    assert rows == [{"prompt": prompt, "response": expected}]
-    assert expected and expected in first.stdout and expected in second.stdout
+    turn = [{"role": "user", "content": prompt}]  # an SFT model is asked through the chat template
+    expected = complete(model.eval(), tokenizer, [turn], max_new_tokens=12)[0]
+    assert expected and first_rows == read_jsonl(gen_dir / generate.GENERATIONS_FILE) == [{"prompt": turn, "response": expected}]
+    assert f">>> {prompt}\n" in first.stdout
     assert str(sft / runs.MODEL_FILE) in first.stdout + first.stderr  # the newest policy: sft over pretrain
     # Rerunning is never skipped, and a generate run never counts as a finished run of any stage.
     assert "already holds a finished" not in second.stdout + second.stderr
@@ -82,6 +84,13 @@ def test_prompts_file_txt_and_jsonl_and_seeded_sampling(tmp_path, outputs_root):
     rows = read_jsonl(out / generate.GENERATIONS_FILE)
     assert [r["prompt"] for r in rows] == ["Reverse the list: a b c", conversation]
     assert [r["response"] for r in rows] == complete(model, tokenizer, ["Reverse the list: a b c", conversation], max_new_tokens=10)
+
+    # A pretrained model gets .txt lines as plain text; chat=true sends them as user turns instead.
+    generate.run(config(outputs_root, out, f"prompts_file={txt}", "max_new_tokens=10", "chat=true"), out)
+    rows = read_jsonl(out / generate.GENERATIONS_FILE)
+    turns = [[{"role": "user", "content": "Reverse the list: a b c"}], [{"role": "user", "content": "Reverse the list: d e f"}]]
+    assert [r["prompt"] for r in rows] == turns
+    assert [r["response"] for r in rows] == complete(model, tokenizer, turns, max_new_tokens=10)
 
     sampled = []
     for seed in (1, 1, 2):
