@@ -133,10 +133,21 @@ def plot_losses(root: Path, name: str, out: Path) -> Path | None:
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG bytes written atomically, like every other result file: a kill never leaves half an image."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    runs.atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_overopt: Path) -> list[Path]:
@@ -174,9 +185,7 @@ def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_over
     right.set_xlabel("iteration")
     right.set_title("KL (nats per response)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_curves, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_curves)
     written.append(out_curves)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -188,9 +197,7 @@ def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_over
     ax.set_ylabel("score")
     ax.set_title("reward over-optimisation")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_overopt, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_overopt)
     written.append(out_overopt)
     return written
 
