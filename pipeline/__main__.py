@@ -97,8 +97,13 @@ def run_all(cfg: DictConfig) -> None:
     log.info("pipeline finished: runs under %s/*/%s", root, name)
     from pipeline.report import write_report
 
-    wandb_project = cfg.logger.project if cfg.logger.name == "wandb" else None
-    report = write_report(Path(cfg.paths.run_dir), max_new_tokens=int(cfg.eval.max_new_tokens), wandb_project=wandb_project)
+    use_wandb = cfg.logger.name == "wandb"
+    report = write_report(
+        Path(cfg.paths.run_dir),
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        wandb_project=cfg.logger.project if use_wandb else None,
+        wandb_entity=cfg.logger.entity if use_wandb else None,
+    )
     log.info("report: %s", report)
 
 

@@ -362,7 +362,8 @@ def log_model_artifact(logger: Logger | None, path: Path, name: str, kind: str, 
         return
     import wandb
 
-    artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]  # W&B's rule for artifact names
+    artifact = wandb.Artifact(name=safe, type=kind, metadata=metadata)
     artifact.add_file(str(path))
     logger.experiment.log_artifact(artifact)
 
