@@ -103,6 +103,7 @@ def run_all(cfg: DictConfig) -> None:
         max_new_tokens=int(cfg.eval.max_new_tokens),
         wandb_project=cfg.logger.project if use_wandb else None,
         wandb_entity=cfg.logger.entity if use_wandb else None,
+        wandb_group=cfg.logger.group if use_wandb else None,  # null: pipeline-<name>, the stages' group
     )
     log.info("report: %s", report)
 

@@ -234,7 +234,7 @@ def side_by_side(root: Path, name: str, n_prompts: int, max_new_tokens: int) -> 
     return columns, rows, means
 
 
-def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wandb_project: str | None = None, wandb_entity: str | None = None) -> Path:
+def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wandb_project: str | None = None, wandb_entity: str | None = None, wandb_group: str | None = None) -> Path:
     """Write report.md and its plots into the pipeline run directory; returns the report's path."""
     root, name = locate(path)
     out_dir = root / PIPELINE_DIR / name
@@ -279,18 +279,18 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
     runs.atomic_write_bytes(report, "\n".join(parts).encode())
     log.info("report written to %s", report)
     if wandb_project:
-        log_to_wandb(wandb_project, wandb_entity, name, columns, rows, answer_columns, answer_rows, plots, out_dir)
+        log_to_wandb(wandb_project, wandb_entity, wandb_group or f"pipeline-{name}", name, columns, rows, answer_columns, answer_rows, plots, out_dir)
     return report
 
 
-def log_to_wandb(project: str, entity: str | None, name: str, columns, rows, answer_columns, answer_rows, plots, out_dir: Path) -> None:
+def log_to_wandb(project: str, entity: str | None, group: str, name: str, columns, rows, answer_columns, answer_rows, plots, out_dir: Path) -> None:
     """The report as a W&B run of the pipeline's group (job type 'report'): the tables and the plots."""
     import wandb
 
     from pipeline.training import wandb_mode
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    with wandb.init(project=project, entity=entity, group=f"pipeline-{name}", job_type="report", name=f"report/{name}", dir=str(out_dir), mode=wandb_mode()) as run:
+    with wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report/{name}", dir=str(out_dir), mode=wandb_mode()) as run:
         payload = {"report/figures": wandb.Table(columns=columns, data=rows)}
         if answer_rows:
             payload["report/answers"] = wandb.Table(columns=answer_columns, data=answer_rows)

@@ -88,5 +88,8 @@ def assert_report(pipeline_dir, metrics):
     answers = report[report.index("## The same prompts"):]
     assert answers.count("(gold ") == 8 * 3 and "| prompt | pretrain | sft | ppo |" in answers
     # The report is a W&B run of the pipeline's group too, with its tables and plots.
-    logged = logged_metrics(read_records(run_file(pipeline_dir)))
+    records = read_records(run_file(pipeline_dir))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.run_group, run.job_type) == (f"pipeline-{pipeline_dir.name}", "report")
+    logged = logged_metrics(records)
     assert logged["report/figures/_type"] == ["table-file"] and logged["report/loss/_type"] == ["image-file"]
