@@ -128,9 +128,9 @@ def decoding(cfg: DictConfig) -> dict:
     }
 
 
-def write_generations(run_dir: Path, rows: list[dict]) -> Path:
+def write_generations(run_dir: Path, rows: list[dict], earlier: str = "") -> Path:
     path = run_dir / GENERATIONS_FILE
-    runs.atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    runs.atomic_write_bytes(path, (earlier + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)).encode())
     return path
 
 
@@ -138,6 +138,9 @@ def chat(model, tokenizer, settings: dict, generator, run_dir: Path, model_path:
     """Multi-turn chat on the terminal: the whole conversation goes through the chat template each turn."""
     conversation: list[dict] = []
     rows: list[dict] = []
+    # Every chat started by the same command shares a run directory: keep the earlier sessions' turns.
+    earlier_file = run_dir / GENERATIONS_FILE
+    earlier = earlier_file.read_text(encoding="utf-8") if earlier_file.is_file() else ""
     print(f"chatting with {model_path} ('exit' or Ctrl-D to quit)", flush=True)
     if not wants_chat("auto", stage):
         print("note: this model was not instruction-tuned; it has never seen the chat template", flush=True)
@@ -160,7 +163,7 @@ def chat(model, tokenizer, settings: dict, generator, run_dir: Path, model_path:
         print(f"model> {answer}", flush=True)
         rows.append({"prompt": list(conversation), "response": answer})
         conversation.append({"role": "assistant", "content": answer})
-        write_generations(run_dir, rows)  # after every turn: quitting with Ctrl-C keeps what was said
+        write_generations(run_dir, rows, earlier)  # after every turn: quitting with Ctrl-C keeps what was said
     return rows
 
 

@@ -120,22 +120,30 @@ def test_a_reward_model_is_refused_with_its_file_named(tmp_path, outputs_root):
         generate.run(config(outputs_root, tmp_path / "gen", f"init_from={reward}", "prompt=hi"), tmp_path / "gen")
 
 
-def test_chat_in_a_terminal_keeps_the_conversation(outputs_root):
-    run_dir = save_run(outputs_root, "sft", "a")
+def chat_session(root: Path, lines: list[str]) -> str:
+    """`python -m pipeline stage=generate` with a terminal as stdin, typing lines; returns its stdout."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "PIPELINE_OUTPUTS": str(outputs_root), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "stage=generate", "max_new_tokens=6"],
         cwd=REPO, env=env, stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     os.close(follower)
     try:
-        for line in ("Reverse the list: a b", "And now: c d", "exit"):
+        for line in lines:
             os.write(leader, (line + "\n").encode())
+        if lines[-1] != "exit":
+            os.write(leader, b"\x04")  # Ctrl-D: end of input
         out, err = proc.communicate(timeout=120)
     finally:
         os.close(leader)  # the terminal's echo of our typing is never read: stdout is a pipe
     assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+def test_chat_in_a_terminal_keeps_the_conversation(outputs_root):
+    run_dir = save_run(outputs_root, "sft", "a")
+    out = chat_session(outputs_root, ["Reverse the list: a b", "And now: c d", "exit"])
     (gen_dir,) = (outputs_root / "generate").iterdir()
     rows = read_jsonl(gen_dir / generate.GENERATIONS_FILE)
     assert len(rows) == 2 and out.count("model> ") == 2
@@ -147,3 +155,7 @@ def test_chat_in_a_terminal_keeps_the_conversation(outputs_root):
     ]
     model, tokenizer, _, _ = runs.load_start(str(run_dir), "generate", outputs_root)
     assert rows[1]["response"] == complete(model, tokenizer, [rows[1]["prompt"]], max_new_tokens=6)[0]
+
+    chat_session(outputs_root, ["Once more: e f"])  # ended by Ctrl-D
+    again = read_jsonl(gen_dir / generate.GENERATIONS_FILE)
+    assert again[:2] == rows and again[2]["prompt"] == [{"role": "user", "content": "Once more: e f"}]
