@@ -42,7 +42,9 @@ def run_stage(cfg: DictConfig) -> float | None:
             metrics = runs.read_json(run_dir / runs.METRICS_FILE)
             log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
             return objective(cfg, metrics)
-        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt"):
+        from pipeline.training import HISTORY_FILE
+
+        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt", HISTORY_FILE):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     stage = importlib.import_module(f"pipeline.{cfg.stage}")
