@@ -1,4 +1,4 @@
-"""`python -m pipeline`: every stage in order, chained by init_from, and a rerun that skips finished stages."""
+"""`python -m pipeline`: every stage in order, chained by init_from, W&B lineage, the report, and a rerun that skips finished stages."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ TINY_ALL = [
 ]
 
 
-def test_whole_pipeline_chains_the_stages_and_resumes_by_skipping(outputs_root):
+def test_whole_pipeline_chains_the_stages_records_lineage_writes_its_report_and_resumes_by_skipping(outputs_root):
     run_pipeline(*TINY_ALL, root=outputs_root, timeout=900)
     names = {stage: [d for d in (outputs_root / stage).iterdir() if d.is_dir()] for stage in ("pretrain", "sft", "reward", "ppo")}
     assert all(len(dirs) == 1 for dirs in names.values()), names
