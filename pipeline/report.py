@@ -96,7 +96,7 @@ def figures_table(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]
             continue
         steps = fmt(m.get("train/steps")) if stage != "ppo" else f"{fmt(m.get('train/iterations'))} iterations"
         # PPO's throughput is that of its rollouts (generated tokens); the others train on every token.
-        speed = fmt(m.get("perf/tokens_per_s")) if stage != "ppo" else f"{fmt(m.get('perf/gen_tokens_per_s'))} (generation)"
+        speed = fmt(m.get("perf/tokens_per_s"), 0) if stage != "ppo" else f"{fmt(m.get('perf/gen_tokens_per_s'), 0)} (generation)"
         rows.append([stage, headline(stage, m), steps, fmt(m.get("time/total_s"), 1), speed])
     return columns, rows
 
