@@ -42,7 +42,9 @@ def run_stage(cfg: DictConfig) -> float | None:
             metrics = runs.read_json(run_dir / runs.METRICS_FILE)
             log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
             return objective(cfg, metrics)
-        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt"):
+        from pipeline.training import HISTORY_FILE
+
+        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt", HISTORY_FILE):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     stage = importlib.import_module(f"pipeline.{cfg.stage}")
@@ -95,6 +97,17 @@ def run_all(cfg: DictConfig) -> None:
             raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
         previous = stage_dir
     log.info("pipeline finished: runs under %s/*/%s", root, name)
+    from pipeline.report import write_report
+
+    use_wandb = cfg.logger.name == "wandb"
+    report = write_report(
+        Path(cfg.paths.run_dir),
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        wandb_project=cfg.logger.project if use_wandb else None,
+        wandb_entity=cfg.logger.entity if use_wandb else None,
+        wandb_group=cfg.logger.group if use_wandb else None,  # null: pipeline-<name>, the stages' group
+    )
+    log.info("report: %s", report)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

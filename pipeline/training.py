@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -72,7 +73,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     name = run_name_of(run_dir)
-    return WandbLogger(
+    logger = WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.logger.group or os.environ.get("PIPELINE_GROUP") or name,
@@ -84,10 +85,131 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         log_model=bool(cfg.logger.log_model),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    if is_global_zero():
+        for path in parent_models(cfg):
+            use_model_artifact(logger, path)
+    return logger
+
+
+def model_artifact_name(stage: str, run_dir: Path) -> str:
+    """The W&B artifact name of a stage run's model.pt (W&B allows letters, digits, '.', '_' and '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-model-{Path(run_dir).name}")[:120]
+
+
+def parent_models(cfg: DictConfig) -> list[Path]:
+    """The model files this stage run starts from, resolved the way the stage resolves them.
+
+    PPO has two parents: the SFT policy and the reward model (which also initialises the critic).
+    """
+    if cfg.stage not in runs.PREVIOUS_STAGE:
+        return []
+    root = Path(cfg.paths.root)
+    parents = [runs.resolve_init_from(cfg.init_from, cfg.stage, root)]
+    if cfg.stage == "ppo":
+        if cfg.get("reward_from"):
+            parents.append(runs.model_file(Path(cfg.reward_from)))
+        elif (newest := runs.newest_finished_run(root, "reward")) is not None:
+            parents.append(newest / runs.MODEL_FILE)
+    return parents
+
+
+def use_model_artifact(logger: WandbLogger, path: Path) -> None:
+    """Declare a parent stage's model.pt as this run's input, so W&B draws the lineage graph.
+
+    The artifact is rebuilt from the same file, name and metadata that the parent logged, so its
+    digest is the parent's and W&B resolves it to the parent's version instead of a new one. Offline,
+    wandb refuses `use_artifact` ("Cannot use artifact when in offline mode"); the record it would
+    write for a local artifact (an artifact record marked use_after_commit, which `wandb sync` turns
+    into a use of the committed version) is written through the run's `_log_artifact` instead.
+    A parent that is not a finished run of this pipeline (a bare .ckpt) has no artifact to point at.
+    """
+    import wandb
+
+    run_dir = Path(path).parent
+    if Path(path).name != runs.MODEL_FILE or not (run_dir / runs.METRICS_FILE).is_file():
+        log.info("lineage: %s is not the model.pt of a finished stage run; no input artifact declared", path)
+        return
+    metrics = runs.read_json(run_dir / runs.METRICS_FILE)
+    stage = metrics.get("stage") or run_dir.parent.name
+    artifact = wandb.Artifact(name=model_artifact_name(stage, run_dir), type="model", metadata=metrics)
+    artifact.add_file(str(path), policy="immutable")  # a finished model.pt never changes: no staging copy
+    run = logger.experiment
+    mode = run.settings.mode
+    if mode in ("offline", "dryrun"):
+        run._log_artifact(artifact, use_after_commit=True)
+    elif mode != "disabled":
+        run.use_artifact(artifact)
 
 
 def run_name_of(run_dir: Path) -> str:
     return Path(run_dir).name
+
+
+HISTORY_FILE = "history.jsonl"
+
+
+class History(Logger):
+    """Every scalar the stage logs, one JSON line per logging call: {"step": N, "train/loss": ...}.
+
+    The report's curves read run_dir/history.jsonl whichever logger=... the user chose. It is a
+    Lightning Logger beside the user's (not a callback) because loggers are what receive the logged
+    values, at the step they belong to. It only appends: a resumed run logs the steps after its
+    checkpoint again, at the same steps, and `history_series` keeps the last value of each step.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the config lives in .hydra/
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import json
+
+        row = {k: float(v) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+        if not row:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab+") as f:
+            # A line torn by a kill is ended first, so that it spoils only itself.
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps({"step": int(step or 0), **row}) + "\n").encode())
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rows of a history.jsonl (none when the file is missing); a line torn by a kill is skipped."""
+    import json
+
+    path = Path(path)
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def history_series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged key in step order; a step logged twice (after a resume) keeps its last value."""
+    by_step = {int(r["step"]): r[key] for r in rows if key in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 class Throughput(Callback):
@@ -189,7 +311,9 @@ def build_trainer(
     logger = make_logger(cfg, run_dir)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
-    trainer = hydra.utils.instantiate(trainer_cfg, logger=logger, callbacks=all_callbacks, default_root_dir=str(run_dir), _convert_="all")
+    # The user's logger first: trainer.logger (samples tables, the model artifact) is that one.
+    loggers = [logger, History(run_dir / HISTORY_FILE)]
+    trainer = hydra.utils.instantiate(trainer_cfg, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), _convert_="all")
     return trainer, checkpoint
 
 
@@ -255,7 +379,7 @@ def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trai
     logger = trainer.logger
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-    log_model_artifact(logger, run_dir / runs.MODEL_FILE, f"{stage}-model-{run_dir.name}", kind="model", metadata=metrics)
+    log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metrics)
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     if logger is not None:
         logger.finalize("success")

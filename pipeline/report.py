@@ -1,0 +1,320 @@
+"""The pipeline's report: one Markdown page with every stage's figures, curves and answers side by side.
+
+    python -m pipeline.report outputs/all/default     # a pipeline run directory
+    python -m pipeline.report outputs                  # the newest pipeline run under an outputs root
+
+`python -m pipeline` writes it at the end of the run, into its own run directory (<root>/all/<name>/):
+report.md, loss.png, ppo.png and overoptimisation.png. Everything is read from the stage runs'
+metrics.json and history.jsonl; the side-by-side answers are generated here (greedy, the embedded
+task's held-out prompts, scored by the gold judge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from pipeline import runs
+from pipeline.errors import UserError
+from pipeline.training import HISTORY_FILE, history_series, read_history
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+PIPELINE_DIR = "all"  # `python -m pipeline` is stage=all: its own run directory is <root>/all/<name>
+ANSWER_STAGES = ("pretrain", "sft", "ppo")  # the policies; the reward model does not answer
+# What each stage's loss panel draws, from its history.jsonl (keys that a run did not log are skipped).
+CURVES = {
+    "pretrain": ("train/loss", "val/loss"),
+    "sft": ("train/loss", "val/loss"),
+    "reward": ("train/loss", "val/loss"),
+    "ppo": ("loss/policy_avg", "loss/value_avg"),
+}
+
+
+def locate(path: Path) -> tuple[Path, str]:
+    """(outputs root, pipeline run name) from a pipeline run directory or an outputs root."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (give a pipeline run directory such as outputs/all/default, or an outputs root)")
+    if path.parent.name == PIPELINE_DIR:
+        return path.parent.parent, path.name
+    candidates = [d for d in (path / PIPELINE_DIR).glob("*") if d.is_dir() and any((path / s / d.name).is_dir() for s in runs.STAGES)]
+    if not candidates:
+        raise UserError(f"{path} holds no pipeline run: expected {path / PIPELINE_DIR}/<name>/ beside {path}/<stage>/<name>/ (made by `python -m pipeline`)")
+    newest = max(candidates, key=lambda d: d.stat().st_mtime)
+    return path, newest.name
+
+
+def stage_metrics(root: Path, name: str) -> dict[str, dict]:
+    """Each finished stage's metrics.json (a stage that has not finished is absent)."""
+    out = {}
+    for stage in runs.STAGES:
+        file = root / stage / name / runs.METRICS_FILE
+        if file.is_file():
+            out[stage] = runs.read_json(file)
+    return out
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def arrow(metrics: dict, start: str, final: str) -> str:
+    return f"{fmt(metrics.get(start))} -> {fmt(metrics.get(final))}"
+
+
+def headline(stage: str, m: dict) -> str:
+    """The figures that say how a stage did, in words; keys a run lacks show as '-'."""
+    if stage == "pretrain":
+        return f"val loss {fmt(m.get('val/loss'))} (perplexity {fmt(m.get('val/ppl'), 1)}; unigram baseline {fmt(m.get('baseline/unigram_xent'))})"
+    if stage == "sft":
+        return f"gold score {arrow(m, 'gold/start', 'gold/final')}; val loss {fmt(m.get('val/loss'))}"
+    if stage == "reward":
+        split = "test" if "test/accuracy" in m else "validation"
+        return f"{split} accuracy {fmt(m.get(f'{split}/accuracy'))}, against the gold judge {fmt(m.get(f'{split}/accuracy_gold'))}"
+    if stage == "ppo":
+        return f"gold score {arrow(m, 'gold/start', 'gold/final')}; RM score {arrow(m, 'start/rm_score', 'final/rm_score')}; KL {fmt(m.get('final/kl'))}"
+    return ""
+
+
+def figures_table(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    columns = ["stage", "result", "steps", "time (s)", "tokens/s"]
+    rows = []
+    for stage in runs.STAGES:
+        m = metrics.get(stage)
+        if m is None:
+            rows.append([stage, "not finished", "-", "-", "-"])
+            continue
+        steps = fmt(m.get("train/steps")) if stage != "ppo" else f"{fmt(m.get('train/iterations'))} iterations"
+        # PPO's throughput is that of its rollouts (generated tokens); the others train on every token.
+        speed = fmt(m.get("perf/tokens_per_s"), 0) if stage != "ppo" else f"{fmt(m.get('perf/gen_tokens_per_s'), 0)} (generation)"
+        rows.append([stage, headline(stage, m), steps, fmt(m.get("time/total_s"), 1), speed])
+    return columns, rows
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_losses(root: Path, name: str, out: Path) -> Path | None:
+    """One panel per stage: its loss curves over optimisation steps, from history.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for stage, keys in CURVES.items():
+        rows = read_history(root / stage / name / HISTORY_FILE)
+        lines = [(key, *history_series(rows, key)) for key in keys]
+        lines = [line for line in lines if line[1]]
+        if lines:
+            panels.append((stage, lines))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (stage, lines) in zip(axes[0], panels):
+        for key, steps, values in lines:
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    save_figure(fig, out)
+    return out
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG bytes written atomically, like every other result file: a kill never leaves half an image."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    runs.atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_overopt: Path) -> list[Path]:
+    """PPO's reward, gold score and KL over iterations, and the over-optimisation curve (reward vs KL).
+
+    The held-out evaluations (greedy answers every ppo.eval_every iterations) come from metrics.json's
+    history; the rollout figures per step (objective/scores, objective/kl) from history.jsonl.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = (ppo or {}).get("history") or []
+    if not evals:
+        return []
+    its = [p["iteration"] for p in evals]
+    rows = read_history(root / "ppo" / name / HISTORY_FILE)
+    written = []
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(its, [p.get("eval/rm_score") for p in evals], marker="o", label="RM score (held out)")
+    if all("eval/gold_score" in p for p in evals):
+        left.plot(its, [p["eval/gold_score"] for p in evals], marker="o", label="gold score (held out)")
+    steps, scores = history_series(rows, "objective/scores")
+    if steps:
+        left.plot(_as_iterations(steps), scores, alpha=0.5, label="RM score (rollouts)")
+    left.set_xlabel("iteration")
+    left.set_title("reward")
+    left.legend(fontsize=8)
+    right.plot(its, [p.get("eval/kl") for p in evals], marker="o", label="KL to SFT (held out)")
+    steps, kl = history_series(rows, "objective/kl")
+    if steps:
+        right.plot(_as_iterations(steps), kl, alpha=0.5, label="KL (rollouts)")
+    right.set_xlabel("iteration")
+    right.set_title("KL (nats per response)")
+    right.legend(fontsize=8)
+    save_figure(fig, out_curves)
+    written.append(out_curves)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    kls = [p.get("eval/kl") for p in evals]
+    ax.plot(kls, [p.get("eval/rm_score") for p in evals], marker="o", label="proxy: RM score")
+    if all("eval/gold_score" in p for p in evals):
+        ax.plot(kls, [p["eval/gold_score"] for p in evals], marker="o", label="gold score")
+    ax.set_xlabel("KL to the SFT policy (nats)")
+    ax.set_ylabel("score")
+    ax.set_title("reward over-optimisation")
+    ax.legend(fontsize=8)
+    save_figure(fig, out_overopt)
+    written.append(out_overopt)
+    return written
+
+
+def _as_iterations(steps: list[int]) -> list[int]:
+    """PPO logs once per iteration at Lightning's batch step: step k holds the rollout and update of iteration k + 1."""
+    return [s + 1 for s in steps]
+
+
+def side_by_side(root: Path, name: str, n_prompts: int, max_new_tokens: int) -> tuple[list[str], list[list[str]], dict[str, float]]:
+    """The same held-out prompts answered greedily by each finished policy, with gold scores."""
+    import torch
+
+    from pipeline.evaluate import complete, prompt_text
+    from pipeline.task import gold_score, prompt_rows
+
+    prompts = [row["prompt"] for row in prompt_rows("test", n_prompts)]
+    texts = [prompt_text(p) for p in prompts]
+    answers: dict[str, list[str]] = {}
+    for stage in ANSWER_STAGES:
+        run_dir = root / stage / name
+        if not runs.is_finished(run_dir):
+            continue
+        model, tokenizer, _, _ = runs.load_start(str(run_dir), stage, root)
+        if torch.cuda.is_available():
+            model.cuda()
+        answers[stage] = complete(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens)
+    columns = ["prompt", *answers]
+    rows, means = [], {}
+    for stage, outs in answers.items():
+        means[stage] = sum(gold_score(t, a) for t, a in zip(texts, outs)) / max(1, len(texts))
+    for i, text in enumerate(texts):
+        rows.append([text, *(f"{outs[i] or '(empty)'} (gold {gold_score(text, outs[i]):.2f})" for outs in answers.values())])
+    return columns, rows, means
+
+
+def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wandb_project: str | None = None, wandb_entity: str | None = None, wandb_group: str | None = None) -> Path:
+    """Write report.md and its plots into the pipeline run directory; returns the report's path."""
+    root, name = locate(path)
+    out_dir = root / PIPELINE_DIR / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = stage_metrics(root, name)
+    if not metrics:
+        raise UserError(f"no finished stage run named {name} under {root}: nothing to report")
+    columns, rows = figures_table(metrics)
+    plots = []
+    if loss := plot_losses(root, name, out_dir / "loss.png"):
+        plots.append(("Loss per stage", loss))
+    ppo_plots = plot_ppo(root, name, metrics.get("ppo"), out_dir / "ppo.png", out_dir / "overoptimisation.png")
+    titles = ("PPO: reward and KL over iterations", "Reward over-optimisation: gold and proxy reward against KL")
+    plots += list(zip(titles, ppo_plots))
+    answer_columns, answer_rows, means = side_by_side(root, name, n_prompts, max_new_tokens)
+
+    parts = [
+        f"# Pipeline report: {name}",
+        "",
+        "Stage runs: " + ", ".join(f"`{root / stage / name}`" for stage in runs.STAGES if stage in metrics) + ".",
+        "",
+        "## Figures",
+        "",
+        markdown_table(columns, rows),
+        "",
+    ]
+    if plots:
+        parts += ["## Curves", ""]
+        for title, file in plots:
+            parts += [f"**{title}**", "", f"![{title}]({file.name})", ""]
+    if answer_rows:
+        parts += [
+            "## The same prompts, answered by each model",
+            "",
+            f"{len(answer_rows)} held-out prompts of the embedded task, greedy answers of at most {max_new_tokens} tokens, "
+            "each with its gold-judge score (0 to 1). Mean gold score: " + ", ".join(f"{s} {v:.3f}" for s, v in means.items()) + ".",
+            "",
+            markdown_table(answer_columns, answer_rows),
+            "",
+        ]
+    report = out_dir / REPORT_FILE
+    runs.atomic_write_bytes(report, "\n".join(parts).encode())
+    log.info("report written to %s", report)
+    if wandb_project:
+        log_to_wandb(wandb_project, wandb_entity, wandb_group or f"pipeline-{name}", name, columns, rows, answer_columns, answer_rows, plots, out_dir)
+    return report
+
+
+def log_to_wandb(project: str, entity: str | None, group: str, name: str, columns, rows, answer_columns, answer_rows, plots, out_dir: Path) -> None:
+    """The report as a W&B run of the pipeline's group (job type 'report'): the tables and the plots."""
+    import wandb
+
+    from pipeline.training import wandb_mode
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    with wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report/{name}", dir=str(out_dir), mode=wandb_mode()) as run:
+        payload = {"report/figures": wandb.Table(columns=columns, data=rows)}
+        if answer_rows:
+            payload["report/answers"] = wandb.Table(columns=answer_columns, data=answer_rows)
+        for title, file in plots:
+            payload[f"report/{file.stem}"] = wandb.Image(str(file), caption=title)
+        run.log(payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description="Write report.md for a pipeline run.")
+    parser.add_argument("path", help="a pipeline run directory (outputs/all/<name>) or an outputs root (its newest pipeline run)")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts answered side by side")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--wandb-project", default=None, help="also log the tables and plots to this W&B project")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = write_report(Path(args.path), n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, wandb_project=args.wandb_project)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
