@@ -136,7 +136,8 @@ def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_ru
     assert 0 < len(policy_train) <= 48 and metrics["train/pairs"] >= len(policy_train)
     assert all(r["chosen_gold"] != r["rejected_gold"] for r in policy_train)
     if metrics["policy_test/pairs"]:
-        assert 0.0 <= metrics["policy_test/accuracy"] <= 1.0    payload = torch.load(run / "model.pt", weights_only=False)
+        assert 0.0 <= metrics["policy_test/accuracy"] <= 1.0
+    payload = torch.load(run / "model.pt", weights_only=False)
     model = ScalarGPT(GPTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     from pipeline.tokenizer import load_tokenizer
