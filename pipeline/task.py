@@ -682,11 +682,7 @@ def preference_rows(split: str, n: int, seed: int = 0, label_noise: float = LABE
         else:  # no two answers of different quality (never seen in practice): damage one more
             b = corrupt(rng, prompt, a)
             gold_b = gold_score(prompt, b)
-        if _judge_pair(rng, a, b, gold_a, gold_b, label_noise, bias):
-            chosen, rejected, gold_c, gold_r = a, b, gold_a, gold_b
-        else:
-            chosen, rejected, gold_c, gold_r = b, a, gold_b, gold_a
-        rows.append(_preference_row(prompt, chosen, rejected, gold_c, gold_r))
+        rows.append(_labelled_row(rng, prompt, a, b, gold_a, gold_b, label_noise, bias))
     return rows
 
 
@@ -704,15 +700,16 @@ def labelled_pairs(
         gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
         if gold_a == gold_b:
             continue
-        if _judge_pair(rng, a, b, gold_a, gold_b, label_noise, bias):
-            chosen, rejected, gold_c, gold_r = a, b, gold_a, gold_b
-        else:
-            chosen, rejected, gold_c, gold_r = b, a, gold_b, gold_a
-        rows.append(_preference_row(prompt, chosen, rejected, gold_c, gold_r))
+        rows.append(_labelled_row(rng, prompt, a, b, gold_a, gold_b, label_noise, bias))
     return rows
 
 
-def _preference_row(prompt: str, chosen: str, rejected: str, gold_c: float, gold_r: float) -> dict:
+def _labelled_row(rng: random.Random, prompt: str, a: str, b: str, gold_a: float, gold_b: float, label_noise: float, bias: float) -> dict:
+    """The preference row of answers a and b as the simulated annotator labels them, gold scores kept."""
+    if _judge_pair(rng, a, b, gold_a, gold_b, label_noise, bias):
+        chosen, rejected, gold_c, gold_r = a, b, gold_a, gold_b
+    else:
+        chosen, rejected, gold_c, gold_r = b, a, gold_b, gold_a
     return {
         "prompt": _user(prompt),
         "chosen": _assistant(chosen),
