@@ -546,12 +546,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     root = Path(cfg.paths.root)
     actor, tokenizer, _, actor_path = runs.load_start(cfg.init_from, "ppo", root)
-    reward_path = runs.model_file(Path(cfg.reward_from)) if cfg.reward_from else None
-    if reward_path is None:
-        newest = runs.newest_finished_run(root, "reward")
-        if newest is None:
-            raise UserError(f"stage 'ppo' needs a finished reward run and {root / 'reward'} holds none: run `python -m pipeline stage=reward` first, or pass reward_from=PATH")
-        reward_path = newest / runs.MODEL_FILE
+    reward_path = runs.resolve_reward_from(cfg.reward_from, root)
     reward_payload = runs.load_model_payload(reward_path)
     if reward_payload.get("kind") != "scalar":
         raise UserError(f"reward_from={reward_path} is not a reward model (its model.pt has kind {reward_payload.get('kind')!r})")

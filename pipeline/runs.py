@@ -131,6 +131,19 @@ def resolve_init_from(init_from: str | None, stage: str, root: Path) -> Path:
     return run / MODEL_FILE
 
 
+def resolve_reward_from(reward_from: str | None, root: Path) -> Path:
+    """The reward model PPO scores with (and starts its critic from): reward_from if given, else the newest finished reward run."""
+    if reward_from:
+        return model_file(Path(reward_from))
+    newest = newest_finished_run(root, "reward")
+    if newest is None:
+        raise UserError(
+            f"stage 'ppo' needs a finished reward run and {Path(root) / 'reward'} holds none: "
+            "run `python -m pipeline stage=reward` first, or pass reward_from=PATH"
+        )
+    return newest / MODEL_FILE
+
+
 def model_file(path: Path) -> Path:
     """Accept a run directory, a model.pt, a Lightning .ckpt or a transformers folder and return what to load."""
     from pipeline.export import is_transformers_dir

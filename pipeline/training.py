@@ -106,10 +106,7 @@ def parent_models(cfg: DictConfig) -> list[Path]:
     root = Path(cfg.paths.root)
     parents = [runs.resolve_init_from(cfg.init_from, cfg.stage, root)]
     if cfg.stage == "ppo":
-        if cfg.get("reward_from"):
-            parents.append(runs.model_file(Path(cfg.reward_from)))
-        elif (newest := runs.newest_finished_run(root, "reward")) is not None:
-            parents.append(newest / runs.MODEL_FILE)
+        parents.append(runs.resolve_reward_from(cfg.get("reward_from"), root))
     return parents
 
 
