@@ -89,6 +89,8 @@ def write_dir_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not directory.exists():
+            os.replace(old / "previous", directory)  # the swap failed: put the old folder back, not lose it
         raise
     finally:
         if old is not None:

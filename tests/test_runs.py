@@ -78,3 +78,22 @@ def test_unreadable_or_missing_model_files(tmp_path):
         runs.load_model_payload(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="without model.pt"):
         runs.model_file(tmp_path)
+
+
+def test_a_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "tokenizer"
+    runs.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp"):  # the new folder's swap into place fails (disk full, say)
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        runs.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+    assert (target / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temporary folders left behind
