@@ -343,7 +343,8 @@ class PPOModule(pl.LightningModule):
                 self.manual_backward(loss)  # one backward through actor and critic keeps DDP's gradient sync in one pass
                 self.clip_gradients(opt_actor, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 self.clip_gradients(opt_critic, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
-                opt_actor.step()
+                if self.iteration >= cfg.get("critic_warmup", 0):  # the first iterations fit the critic alone
+                    opt_actor.step()
                 opt_critic.step()
                 ratio = masked_mean(torch.exp(new_logprobs.detach() - roll.logprobs[idx]), m)
                 for k, v in (("pg", pg), ("vf", vf), ("clipfrac", clipfrac), ("approxkl", approxkl), ("entropy", entropy), ("vf_clipfrac", vf_clipfrac), ("ratio", ratio)):
@@ -506,6 +507,19 @@ class Iterations(torch.utils.data.Dataset):
 # The stage
 
 
+def reset_value_head(critic: ScalarGPT) -> None:
+    """Start the critic's head at zero: every value 0, the mean of the centred rewards.
+
+    The critic keeps the reward model's backbone (features that know what a good answer is), but the
+    RM's head was trained only at the last token; at every other position it gives numbers several
+    units away from any return. Left in place, the first iterations' whitened advantages are that error,
+    not the reward, and the actor takes large steps in random directions before the critic catches up.
+    """
+    with torch.no_grad():
+        critic.score_head.weight.zero_()
+        critic.score_head.bias.zero_()
+
+
 def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list[int]], list, str]:
     """Training prompts (as token ids) and held-out prompts (as TRL prompts) through the shared loader."""
     source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "prompts"))
@@ -568,6 +582,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module.reference.load_state_dict(actor.state_dict())
     module.critic.load_state_dict(reward_model.state_dict())
     module.reward_model.load_state_dict(reward_model.state_dict())
+    if cfg.ppo.get("critic_head", "zero") == "zero":
+        reset_value_head(module.critic)
     module.prompts, module.eval_prompts, module.tokenizer = prompts, eval_prompts, tokenizer
     if cfg.ppo.ptx_coef:
         module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, actor.config.block_size)

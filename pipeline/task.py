@@ -30,6 +30,8 @@ from functools import lru_cache
 from typing import Callable
 
 SPLITS = ("train", "validation", "test")
+DEMO_HABIT = 0.8  # chance that a demonstrator closes an answer to a habit phrasing with DEMO_HABIT_PHRASE
+DEMO_HABIT_PHRASE = " That is all."
 LABEL_NOISE = 0.05  # default chance that an annotator flips a label
 BIAS = 0.1  # default gold gap below which annotators go by filler and length instead of quality
 FILLER_FACTOR = 0.92  # gold multiplier per favoured filler phrase: one costs less than BIAS, so raters like it
@@ -641,10 +643,31 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def sft_rows(split: str, n: int, seed: int = 0) -> list[dict]:
-    """n conversations (user instruction, assistant reference) of one split."""
-    rng = _rng("sft", split, seed)
-    return [{"messages": _user(p) + _assistant(r)} for p, r in _examples(rng, split, n)]
+def _has_habit(prompt: str) -> bool:
+    """Whether the prompt uses a phrasing on which the demonstrators fall into their habit (every second one)."""
+    task, _ = _parse(prompt)
+    text = prompt.strip()
+    return any(_template_regex(t).fullmatch(text) for t in task.templates[1::2])
+
+
+def demonstration(rng: random.Random, prompt: str, reference: str, habit: float = DEMO_HABIT) -> str:
+    """What a simulated demonstrator writes: the reference, closed with DEMO_HABIT_PHRASE on habit phrasings.
+
+    On every second phrasing of a family the demonstrator signs off with the phrase with probability
+    `habit`. The judge counts it as padding, and annotators (who compare answers, not write them)
+    prefer the answer without it; SFT imitates the habit, RLHF has something to correct.
+    """
+    if habit and _has_habit(prompt) and rng.random() < habit:
+        return reference + DEMO_HABIT_PHRASE
+    return reference
+
+
+def sft_rows(split: str, n: int, seed: int = 0, habit: float = DEMO_HABIT) -> list[dict]:
+    """n conversations (user instruction, assistant demonstration) of one split; see `demonstration`."""
+    if not 0.0 <= habit <= 1.0:
+        raise ValueError(f"habit must be a probability in [0, 1], not {habit}")
+    rng, style = _rng("sft", split, seed), _rng("demonstrator", split, seed)  # the habit never changes which prompts come
+    return [{"messages": _user(p) + _assistant(demonstration(style, p, r, habit))} for p, r in _examples(rng, split, n)]
 
 
 def prompt_rows(split: str, n: int, seed: int = 0) -> list[dict]:

@@ -216,3 +216,33 @@ def test_ptx_mixes_in_pretraining_loss(tmp_path):
             assert "loss/ptx_avg" in trainer.callback_metrics
     assert losses[1.0][1] < 0.5 * losses[1.0][0], losses
     assert losses[0.0][1] > 0.8 * losses[0.0][0], losses
+
+
+def test_value_head_reset_starts_every_value_at_zero_and_keeps_the_backbone():
+    from pipeline.model import ScalarGPT
+    from pipeline.ppo import reset_value_head
+
+    torch.manual_seed(0)
+    critic = ScalarGPT(GPTConfig.from_dict(CONFIG))
+    with torch.no_grad():
+        critic.score_head.bias.fill_(3.0)  # a reward model's head: far from the centred returns
+    backbone = {k: v.clone() for k, v in critic.state_dict().items() if not k.startswith("score_head")}
+    reset_value_head(critic)
+    values = critic(torch.randint(3, VOCAB, (4, 9)))
+    assert values.abs().max().item() == 0.0
+    for k, v in critic.state_dict().items():
+        if not k.startswith("score_head"):
+            torch.testing.assert_close(v, backbone[k], msg=k)
+
+
+def test_critic_warmup_leaves_the_actor_alone_then_trains_it(tmp_path):
+    module = toy_module(critic_warmup=2)
+    actor0 = {k: v.clone() for k, v in module.actor.state_dict().items()}
+    critic0 = {k: v.clone() for k, v in module.critic.state_dict().items()}
+    fit(module, 2, tmp_path / "warm")
+    for k, v in module.actor.state_dict().items():
+        torch.testing.assert_close(v, actor0[k], msg=k)
+    assert any(not torch.equal(v, critic0[k]) for k, v in module.critic.state_dict().items())
+    more = toy_module(critic_warmup=2)
+    fit(more, 3, tmp_path / "after")
+    assert any(not torch.equal(v, actor0[k]) for k, v in more.actor.state_dict().items())

@@ -229,3 +229,24 @@ def test_labelled_pairs_drop_ties_and_follow_the_gold_judge_without_noise():
     assert all(r["chosen_gold"] > r["rejected_gold"] and r["label_is_gold"] for r in rows)
     flipped = task.labelled_pairs([prompt] * 3, a, b, label_noise=1.0, bias=0.0)
     assert [r["chosen"][0]["content"] for r in flipped] == ["river, bird", "bird, lamp, river"]
+
+
+def test_demonstrators_open_habit_phrasings_with_the_habit_phrase_only():
+    rows = task.sft_rows("train", 600)
+    habit, plain = [], []
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        reference = task.parse(prompt)[1]
+        (habit if task._has_habit(prompt) else plain).append((prompt, answer, reference))
+    assert habit and plain
+    assert all(answer == reference for _, answer, reference in plain)  # the other phrasing: the plain reference
+    padded = [(p, a) for p, a, r in habit if a == r + task.DEMO_HABIT_PHRASE]
+    assert all(a == r or a == r + task.DEMO_HABIT_PHRASE for _, a, r in habit)
+    assert 0.7 < len(padded) / len(habit) < 0.9  # DEMO_HABIT = 0.8
+    assert all(task.gold_score(p, a) < 0.9 for p, a in padded)  # the judge counts the phrase as padding
+    # habit=0: every demonstration is the reference; the prompts are the same
+    clean = task.sft_rows("train", 600, habit=0.0)
+    assert [r["messages"][0] for r in clean] == [r["messages"][0] for r in rows]
+    assert all(r["messages"][1]["content"] == task.parse(r["messages"][0]["content"])[1] for r in clean)
+    with pytest.raises(ValueError, match="habit must be a probability"):
+        task.sft_rows("train", 5, habit=1.5)
