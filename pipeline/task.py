@@ -12,6 +12,12 @@ number, a count off by one). It penalises what a reward model can be fooled by: 
 filler phrase ("Sure!", "Certainly!") costs a factor FILLER_FACTOR, each item repeated beyond the
 reference a factor REPEAT_FACTOR, padding words dilute the similarity, sloppy format a little.
 
+SFT demonstrations come from simulated demonstrators with a habit: on every second phrasing of a
+family they usually sign off with " That is all.", which the judge counts as padding. SFT learns the
+habit along with the task; the annotators, who compare answers rather than write them, prefer the
+answer without it, so the reward model learns to dislike it and RLHF has a real fault to correct
+(InstructGPT's point: comparing is easier than demonstrating).
+
 Preference labels come from simulated annotators. They follow the gold score, except in close
 calls (gold gap below `bias`), where surface appeal decides: the answer with a favoured filler
 phrase, else the longer one. Then a label flips with probability `label_noise`. A reward model
