@@ -11,6 +11,9 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
 - SFT: our SFT stage's LightningModule under a Trainer vs TRL's `SFTTrainer` on the exported model,
   the same pre-tokenised prompt-completion rows (loss on completions only), batch, optimiser settings and
   precision, without gradient checkpointing (which SFTConfig turns on by default);
+- reward model: our reward stage's LightningModule vs TRL's `RewardTrainer` on the exported backbone with
+  transformers' sequence-classification head, the same pre-tokenised chosen / rejected rows, batch and
+  optimiser settings (Bradley-Terry loss on both sides);
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
@@ -41,7 +44,7 @@ from pipeline.pretrain import PretrainModule, model_config_from
 from pipeline.training import Batches, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1}
 
 
 def compose_config(overrides: list[str]):
@@ -282,6 +285,61 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
     return ours_timer.rate(batch_size * (seq_len - 1)), trl_timer.rate(batch_size * (seq_len - 1))
 
 
+def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Tokens/s of reward-model training: (our RewardModule under Lightning, TRL RewardTrainer), same pairs, batch and optimiser.
+
+    Each pair is a chosen and a rejected row of seq_len tokens, so both sides read 2 x batch x seq_len
+    tokens a step. TRL's model is transformers' sequence-classification head on the exported backbone.
+    """
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline.reward import PairCollator, RewardModule
+
+    seq_len = cfg.data.seq_len
+    chosen = random_blocks(batch_size * 8, seq_len - 1, model_config.vocab_size, seed=2)
+    rejected = random_blocks(batch_size * 8, seq_len - 1, model_config.vocab_size, seed=3)
+    pairs = [{"chosen_ids": c["input_ids"].tolist(), "rejected_ids": r["input_ids"].tolist()} for c, r in zip(chosen, rejected)]
+    device = device_of(cfg)
+    optim = OmegaConf.to_container(cfg.model, resolve=True)
+
+    pl.seed_everything(0, verbose=False)
+    module = RewardModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
+    ours_timer = StepTimes(warmup, device)
+    ours_rows = [{**p, "margin": 0.0, "gold_sign": 0.0} for p in pairs]
+    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PairCollator(0)))
+
+    trl_timer = StepTimes(warmup, device)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            trl_timer.begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            trl_timer.end()
+
+    _, hf_lm = fresh_models(model_config)
+    hf_lm.config.num_labels = 1
+    hf_model = AutoModelForSequenceClassification.from_config(hf_lm.config)
+    getattr(hf_model, hf_model.base_model_prefix).load_state_dict(getattr(hf_lm, hf_lm.base_model_prefix).state_dict())
+    precision = str(cfg.trainer.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RewardConfig(
+            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
+            weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
+            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len, gradient_checkpointing=False,
+            bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
+            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
+        )
+        trainer = RewardTrainer(model=hf_model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
+        trainer.train()
+    tokens = 2 * batch_size * (seq_len - 1)
+    return ours_timer.rate(tokens), trl_timer.rate(tokens)
+
+
 def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
     return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
 
@@ -307,6 +365,9 @@ def main(argv: list[str]) -> dict:
     if cfg.bench.sft:
         s_ours, s_trl = sft_speed(cfg, model_config, batch_size, steps, warmup)
         rows.append(row("sft: Lightning stage vs TRL SFTTrainer (completion-only loss)", s_ours, f"TRL SFTTrainer, transformers {arch}", s_trl))
+    if cfg.bench.reward:
+        r_ours, r_trl = reward_speed(cfg, model_config, batch_size, steps, warmup)
+        rows.append(row("reward: Lightning stage vs TRL RewardTrainer (pairwise loss)", r_ours, f"TRL RewardTrainer, transformers {arch.replace('LMHead', '').replace('ForCausalLM', '')}ForSequenceClassification", r_trl))
     for gen_batch in sorted({1, cfg.bench.gen_batch}):
         g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
         rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
