@@ -14,6 +14,9 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
 - reward model: our reward stage's LightningModule vs TRL's `RewardTrainer` on the exported backbone with
   transformers' sequence-classification head, the same pre-tokenised chosen / rejected rows, batch and
   optimiser settings (Bradley-Terry loss on both sides);
+- online RL, in episodes/s: our PPO stage's LightningModule vs TRL's `RLOOTrainer` on the exported model,
+  the same toy reward (count of one token), batch of completions, completion length and KL to a frozen
+  reference, one optimisation step per batch on both sides;
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
@@ -44,7 +47,7 @@ from pipeline.pretrain import PretrainModule, model_config_from
 from pipeline.training import Batches, adamw_with_schedule, device_peak_flops
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1, "rl": 1}
 
 
 def compose_config(overrides: list[str]):
@@ -184,14 +187,16 @@ def generation_speed(cfg, model_config, batch_size: int) -> tuple[float, float]:
     return figures[0], figures[1]
 
 
-def bench_trainer(cfg, max_steps: int, timer: StepTimes) -> pl.Trainer:
-    """A real Trainer with the configured precision and clipping, without logger, checkpoints or validation."""
+def bench_trainer(cfg, max_steps: int, timer: StepTimes, clip: bool = True) -> pl.Trainer:
+    """A real Trainer with the configured precision and clipping, without logger, checkpoints or validation.
+
+    clip=False for manual optimisation (PPO clips its own gradients)."""
     return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
         precision=cfg.trainer.precision,
         max_steps=max_steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        gradient_clip_val=cfg.trainer.gradient_clip_val if clip else None,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -232,7 +237,11 @@ def word_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
+    from tokenizers import decoders, pre_tokenizers
+
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text prompts "t5 t9 t3" (RLOO takes text)
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # ids back to "t5 t9 t3"
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
 
 
@@ -340,6 +349,72 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
     return ours_timer.rate(tokens), trl_timer.rate(tokens)
 
 
+RL_TARGET = 7  # the toy reward of the RL row: how often a completion says token 7
+
+
+def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Episodes/s of online RL: (our PPO stage's LightningModule, TRL RLOOTrainer), same model, reward and batch.
+
+    One optimisation step each per batch of `batch_size` sampled completions of at most
+    `bench.gen_tokens` tokens to `bench.gen_prompt`-token prompts, temperature 1, KL to a frozen
+    reference; the reward is the count of one token. PPO also runs its critic (forward and backward);
+    RLOO has none but samples `num_generations=2` completions per prompt for its baseline.
+    """
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from pipeline.ppo import Iterations, PPOModule
+
+    device = device_of(cfg)
+    vocab, prompt_len, new_tokens = model_config.vocab_size, int(cfg.bench.gen_prompt), int(cfg.bench.gen_tokens)
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(2, vocab, (batch_size * (warmup + steps + 1), prompt_len), generator=g).tolist()  # no pad (0), no EOS (1)
+
+    ppo = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "stage" / "ppo.yaml")["ppo"])
+    ppo.update(iterations=warmup + steps, rollout_batch_size=batch_size, minibatch_size=batch_size, ppo_epochs=1, max_new_tokens=new_tokens, save_every=10**9, eval_every=10**9, missing_eos_penalty=0.0, kl_coef=0.05, adaptive_kl=False)
+    optim = OmegaConf.to_container(cfg.model, resolve=True)
+    pl.seed_everything(0, verbose=False)
+    module = PPOModule(model_config.to_dict(), model_config.to_dict(), ppo, optim, reward_norm={}, eos_id=1, pad_id=0, seed=0)
+    module.reference.load_state_dict(module.actor.state_dict())
+    module.reward_fn = lambda seqs, att, response, mask: ((response == RL_TARGET) & mask.bool()).float().sum(1)
+    module.prompts = prompts
+    ours_timer = StepTimes(warmup, device)
+    trainer = bench_trainer(cfg, warmup + steps, ours_timer, clip=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Iterations(warmup + steps), batch_size=1, collate_fn=lambda items: items[0]))
+
+    trl_timer = StepTimes(warmup, device)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            trl_timer.begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            trl_timer.end()
+
+    def count_target(prompts, completions, **kw):
+        return [float(c.split().count(f"t{RL_TARGET}")) for c in completions]
+
+    _, hf_model = fresh_models(model_config)
+    hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = 1, 0
+    precision = str(cfg.trainer.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RLOOConfig(
+            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, num_generations=2, generation_batch_size=batch_size,
+            max_completion_length=new_tokens, temperature=1.0, beta=0.05, num_iterations=1, learning_rate=float(cfg.model.lr),
+            adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]), max_grad_norm=float(cfg.trainer.gradient_clip_val),
+            gradient_checkpointing=False, bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
+            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, seed=0,
+        )
+        data = Dataset.from_list([{"prompt": " ".join(f"t{i}" for i in p)} for p in prompts])
+        hf_model.save_pretrained(f"{tmp}/model")  # RLOO loads its reference model by name: the same weights from disk
+        rloo = RLOOTrainer(model=f"{tmp}/model", reward_funcs=count_target, args=args, train_dataset=data, processing_class=word_tokenizer(vocab), callbacks=[Timer()])
+        rloo.train()
+    return ours_timer.rate(batch_size), trl_timer.rate(batch_size)
+
+
 def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
     return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
 
@@ -368,6 +443,9 @@ def main(argv: list[str]) -> dict:
     if cfg.bench.reward:
         r_ours, r_trl = reward_speed(cfg, model_config, batch_size, steps, warmup)
         rows.append(row("reward: Lightning stage vs TRL RewardTrainer (pairwise loss)", r_ours, f"TRL RewardTrainer, transformers {arch.replace('LMHead', '').replace('ForCausalLM', '')}ForSequenceClassification", r_trl))
+    if cfg.bench.rl:
+        e_ours, e_trl = rl_speed(cfg, model_config, batch_size, steps, warmup)
+        rows.append(row(f"rl: PPO stage vs TRL RLOOTrainer, episodes/s ({cfg.bench.gen_tokens} new tokens at most)", e_ours, f"TRL RLOOTrainer, transformers {arch}", e_trl))
     for gen_batch in sorted({1, cfg.bench.gen_batch}):
         g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
         rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
