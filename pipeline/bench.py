@@ -88,6 +88,21 @@ class StepTimes(pl.Callback):
     def rate(self, tokens_per_step: int) -> float:
         return tokens_per_step / statistics.median(self.seconds)
 
+    def hf_callback(self):
+        """The same timer as a transformers TrainerCallback (TRL's trainers call it around each step)."""
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer.begin()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.end()
+
+        return Timer()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.begin()
 
@@ -216,6 +231,19 @@ def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warm
     return timer.rate(batch_size * seq_len), module.model.flops_per_token(seq_len)
 
 
+def hf_training_args(cfg, output_dir: str, batch_size: int, max_steps: int, device: torch.device) -> dict:
+    """Keyword arguments every TRL trainer config here shares: our optimiser, clipping and precision, no checkpoints, no logs."""
+    precision = str(cfg.trainer.precision)
+    return dict(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
+        weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
+        max_grad_norm=float(cfg.trainer.gradient_clip_val),
+        # TRL's configs turn gradient checkpointing (and bf16) on by default; ours recomputes nothing and follows trainer.precision.
+        gradient_checkpointing=False, bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
+        save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, seed=0,
+    )
+
+
 def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
     """Prompt-completion rows of seq_len tokens, the first quarter prompt (no loss), as both sides take them.
 
@@ -234,10 +262,8 @@ def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
 
 def word_tokenizer(vocab: int):
     """A tokenizer over the ids the random rows use: TRL wants one (for padding), though the rows are tokenised already."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from tokenizers import decoders, pre_tokenizers
 
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text prompts "t5 t9 t3" (RLOO takes text)
@@ -250,7 +276,6 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
     import tempfile
 
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from pipeline.sft import PadCollator, SFTModule
@@ -268,27 +293,11 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
 
     trl_timer = StepTimes(warmup, device)
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            trl_timer.begin()
-
-        def on_step_end(self, args, state, control, **kw):
-            trl_timer.end()
-
     _, hf_model = fresh_models(model_config)
-    precision = str(cfg.trainer.precision)
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(
-            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
-            weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
-            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len, completion_only_loss=True,
-            # SFTConfig turns gradient checkpointing and bf16 on by default; ours recomputes nothing and follows trainer.precision.
-            gradient_checkpointing=False,
-            bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
-            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
-        )
+        args = SFTConfig(**hf_training_args(cfg, tmp, batch_size, warmup + steps, device), max_length=seq_len, completion_only_loss=True, dataloader_drop_last=True)
         data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
-        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
+        sft = SFTTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[trl_timer.hf_callback()])
         sft.train()
     # seq_len tokens per row on both sides; seq_len - 1 of them are predicted.
     return ours_timer.rate(batch_size * (seq_len - 1)), trl_timer.rate(batch_size * (seq_len - 1))
@@ -303,7 +312,7 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
     import tempfile
 
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     from pipeline.reward import PairCollator, RewardModule
@@ -323,27 +332,13 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
 
     trl_timer = StepTimes(warmup, device)
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            trl_timer.begin()
-
-        def on_step_end(self, args, state, control, **kw):
-            trl_timer.end()
-
     _, hf_lm = fresh_models(model_config)
     hf_lm.config.num_labels = 1
     hf_model = AutoModelForSequenceClassification.from_config(hf_lm.config)
     getattr(hf_model, hf_model.base_model_prefix).load_state_dict(getattr(hf_lm, hf_lm.base_model_prefix).state_dict())
-    precision = str(cfg.trainer.precision)
     with tempfile.TemporaryDirectory() as tmp:
-        args = RewardConfig(
-            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
-            weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
-            max_grad_norm=float(cfg.trainer.gradient_clip_val), max_length=seq_len, gradient_checkpointing=False,
-            bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
-            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
-        )
-        trainer = RewardTrainer(model=hf_model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=word_tokenizer(model_config.vocab_size), callbacks=[Timer()])
+        args = RewardConfig(**hf_training_args(cfg, tmp, batch_size, warmup + steps, device), max_length=seq_len, dataloader_drop_last=True)
+        trainer = RewardTrainer(model=hf_model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=word_tokenizer(model_config.vocab_size), callbacks=[trl_timer.hf_callback()])
         trainer.train()
     tokens = 2 * batch_size * (seq_len - 1)
     return ours_timer.rate(tokens), trl_timer.rate(tokens)
@@ -363,7 +358,6 @@ def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tup
     import tempfile
 
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     from pipeline.ppo import Iterations, PPOModule
@@ -387,30 +381,19 @@ def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tup
 
     trl_timer = StepTimes(warmup, device)
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            trl_timer.begin()
-
-        def on_step_end(self, args, state, control, **kw):
-            trl_timer.end()
-
     def count_target(prompts, completions, **kw):
         return [float(c.split().count(f"t{RL_TARGET}")) for c in completions]
 
     _, hf_model = fresh_models(model_config)
     hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = 1, 0
-    precision = str(cfg.trainer.precision)
     with tempfile.TemporaryDirectory() as tmp:
         args = RLOOConfig(
-            output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=batch_size, num_generations=2, generation_batch_size=batch_size,
-            max_completion_length=new_tokens, temperature=1.0, beta=0.05, num_iterations=1, learning_rate=float(cfg.model.lr),
-            adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]), max_grad_norm=float(cfg.trainer.gradient_clip_val),
-            gradient_checkpointing=False, bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
-            save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, seed=0,
+            **hf_training_args(cfg, tmp, batch_size, warmup + steps, device),
+            num_generations=2, generation_batch_size=batch_size, max_completion_length=new_tokens, temperature=1.0, beta=0.05, num_iterations=1,
         )
         data = Dataset.from_list([{"prompt": " ".join(f"t{i}" for i in p)} for p in prompts])
         hf_model.save_pretrained(f"{tmp}/model")  # RLOO loads its reference model by name: the same weights from disk
-        rloo = RLOOTrainer(model=f"{tmp}/model", reward_funcs=count_target, args=args, train_dataset=data, processing_class=word_tokenizer(vocab), callbacks=[Timer()])
+        rloo = RLOOTrainer(model=f"{tmp}/model", reward_funcs=count_target, args=args, train_dataset=data, processing_class=word_tokenizer(vocab), callbacks=[trl_timer.hf_callback()])
         rloo.train()
     return ours_timer.rate(batch_size), trl_timer.rate(batch_size)
 

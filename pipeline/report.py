@@ -168,23 +168,23 @@ def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_over
     rows = read_history(root / "ppo" / name / HISTORY_FILE)
     written = []
 
+    def panel(ax, title: str, held_out: list[tuple[str, str]], rollout_key: str, rollout_label: str) -> None:
+        """Held-out evaluations (markers) and the rollouts' own figure (a faint line) over iterations."""
+        for key, label in held_out:
+            ax.plot(its, [p.get(key) for p in evals], marker="o", label=label)
+        steps, values = history_series(rows, rollout_key)
+        if steps:
+            ax.plot(_as_iterations(steps), values, alpha=0.5, label=rollout_label)
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    left.plot(its, [p.get("eval/rm_score") for p in evals], marker="o", label="RM score (held out)")
+    reward_series = [("eval/rm_score", "RM score (held out)")]
     if all("eval/gold_score" in p for p in evals):
-        left.plot(its, [p["eval/gold_score"] for p in evals], marker="o", label="gold score (held out)")
-    steps, scores = history_series(rows, "objective/scores")
-    if steps:
-        left.plot(_as_iterations(steps), scores, alpha=0.5, label="RM score (rollouts)")
-    left.set_xlabel("iteration")
-    left.set_title("reward")
-    left.legend(fontsize=8)
-    right.plot(its, [p.get("eval/kl") for p in evals], marker="o", label="KL to SFT (held out)")
-    steps, kl = history_series(rows, "objective/kl")
-    if steps:
-        right.plot(_as_iterations(steps), kl, alpha=0.5, label="KL (rollouts)")
-    right.set_xlabel("iteration")
-    right.set_title("KL (nats per response)")
-    right.legend(fontsize=8)
+        reward_series.append(("eval/gold_score", "gold score (held out)"))
+    panel(left, "reward", reward_series, "objective/scores", "RM score (rollouts)")
+    panel(right, "KL (nats per response)", [("eval/kl", "KL to SFT (held out)")], "objective/kl", "KL (rollouts)")
     save_figure(fig, out_curves)
     written.append(out_curves)
 

@@ -649,11 +649,13 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
+_HABIT_PHRASINGS = [_template_regex(t) for task in _TASKS.values() for t in task.templates[1::2]]
+
+
 def _has_habit(prompt: str) -> bool:
     """Whether the prompt uses a phrasing on which the demonstrators fall into their habit (every second one)."""
-    task, _ = _parse(prompt)
     text = prompt.strip()
-    return any(_template_regex(t).fullmatch(text) for t in task.templates[1::2])
+    return any(regex.fullmatch(text) for regex in _HABIT_PHRASINGS)
 
 
 def demonstration(rng: random.Random, prompt: str, reference: str, habit: float = DEMO_HABIT) -> str:
