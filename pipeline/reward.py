@@ -13,6 +13,8 @@ travel with the model (model.pt `extra`) for PPO.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -42,6 +44,12 @@ def sequence_ids(tokenizer, prompt, response, conversational: bool) -> list[int]
     return [tokenizer.bos_token_id] + encode_ids(tokenizer, (prompt or "") + response) + [tokenizer.eos_token_id]
 
 
+def _prompt_key(prompt) -> int:
+    """A stable 63-bit key of a prompt (text or messages), so the sampler can keep a prompt's pairs together."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
 def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: str):
     """Tokenise chosen and rejected sequences; keep a margin and the gold ordering where the data has them."""
     has_margin = "margin" in ds.column_names
@@ -59,6 +67,7 @@ def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: 
         if has_gold:
             gold = float((row["chosen_gold"] > row["rejected_gold"]) - (row["chosen_gold"] < row["rejected_gold"]))
         return {
+            "prompt_key": _prompt_key(prompt) if prompt is not None else -1 - index,  # rows of one prompt share it
             "chosen_ids": chosen[:max_len],
             "rejected_ids": rejected[:max_len],
             "margin": float(row["margin"]) if has_margin else 0.0,
@@ -69,13 +78,25 @@ def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: 
 
 
 class PairCollator:
-    """Chosen rows then rejected rows in one right-padded (2B, T) batch, so one forward scores both."""
+    """The distinct sequences of a batch of pairs, right-padded to (N, T), and where each pair's two sit.
+
+    A response that appears in several pairs of the batch (InstructGPT's K-wise comparisons: every
+    two of K answers to a prompt) is scored once; `chosen_index` and `rejected_index` (B,) pick
+    each pair's rows, so one forward scores every comparison.
+    """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        slots: dict[tuple, int] = {}
+
+        def slot(ids) -> int:
+            return slots.setdefault(tuple(ids), len(slots))
+
+        chosen = [slot(r["chosen_ids"]) for r in rows]
+        rejected = [slot(r["rejected_ids"]) for r in rows]
+        seqs = list(slots)
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -85,6 +106,8 @@ class PairCollator:
         return {
             "input_ids": ids,
             "attention_mask": mask,
+            "chosen_index": torch.tensor(chosen, dtype=torch.long),
+            "rejected_index": torch.tensor(rejected, dtype=torch.long),
             "margin": torch.tensor([r["margin"] for r in rows], dtype=torch.float32),
             "gold_sign": torch.tensor([r["gold_sign"] for r in rows], dtype=torch.float32),
         }
@@ -110,10 +133,10 @@ class RewardModule(pl.LightningModule):
 
     def scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward of chosen (B,) and rejected (B,) at each sequence's last real token."""
-        values = self.model(batch["input_ids"])  # (2B, T); right padding: causal attention needs no mask
+        values = self.model(batch["input_ids"])  # (N, T); right padding: causal attention needs no mask
         last = last_token_index(batch["attention_mask"])
         rewards = values.gather(1, last[:, None]).squeeze(1).float()
-        return rewards.chunk(2)
+        return rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]
 
     def training_step(self, batch, batch_idx):
         chosen, rejected = self.scores(batch)
@@ -175,8 +198,6 @@ def policy_pairs(cfg: DictConfig, model, tokenizer, split: str, n: int, path: Pa
     reward model learns the distinctions that PPO's rollouts will present to it. Kept in the run
     directory, so a resumed run trains on the same pairs.
     """
-    import json
-
     from pipeline.task import labelled_pairs
 
     if path.is_file():
@@ -234,7 +255,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput])
-    datamodule = Batches(pairs["train"], pairs["validation"], cfg.data.batch_size, PairCollator(tokenizer.pad_token_id), cfg.data.num_workers)
+    lengths = None
+    if cfg.data.get("group_by_length", False):
+        lengths = [max(len(c), len(r)) for c, r in zip(pairs["train"]["chosen_ids"], pairs["train"]["rejected_ids"])]
+    datamodule = Batches(
+        pairs["train"], pairs["validation"], cfg.data.batch_size, PairCollator(tokenizer.pad_token_id), cfg.data.num_workers,
+        lengths=lengths, groups=pairs["train"]["prompt_key"], seed=cfg.seed,  # a prompt's pairs share a batch: each answer scored once
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     best = checkpoint.best_model_path

@@ -195,7 +195,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     throughput = Throughput(module.model.flops_per_token(max_len - 1))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
-    datamodule = Batches(train, val, cfg.data.batch_size, PadCollator(tokenizer.pad_token_id), cfg.data.num_workers)
+    lengths = [len(ids) for ids in train["input_ids"]] if cfg.data.get("group_by_length", False) and not cfg.data.packing else None
+    datamodule = Batches(train, val, cfg.data.batch_size, PadCollator(tokenizer.pad_token_id), cfg.data.num_workers, lengths=lengths, seed=cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
 
     best = checkpoint.best_model_path

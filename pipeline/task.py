@@ -694,17 +694,34 @@ def _candidate(rng: random.Random, prompt: str, reference: str) -> str:
     return text
 
 
-def preference_rows(split: str, n: int, seed: int = 0, label_noise: float = LABEL_NOISE, bias: float = BIAS) -> list[dict]:
-    """n preference pairs (two answers to one prompt) labelled by the simulated annotator.
+def preference_rows(
+    split: str, n: int, seed: int = 0, label_noise: float = LABEL_NOISE, bias: float = BIAS, answers: int = 2
+) -> list[dict]:
+    """Preference pairs for n prompts, labelled by the simulated annotator.
+
+    With answers=2, one pair (two answers) per prompt. With more, InstructGPT's K-wise comparisons:
+    `answers` answers to each prompt and a row for every two of them that differ in gold score,
+    the rows of one prompt next to each other (the reward stage scores each answer once and
+    compares it with all the others in the same batch).
 
     Gold scores of both answers are kept, and whether the label agrees with them, so the reward
     stage can report accuracy against noise-free labels too. Pairs never tie in gold score. The
-    answers depend only on (split, n, seed): changing label_noise or bias relabels the same pairs.
+    answers depend only on (split, n, seed, answers): changing label_noise or bias relabels the same pairs.
     """
     _check_annotator(label_noise, bias)
+    if answers < 2:
+        raise ValueError(f"answers must be at least 2 (a pair), not {answers}")
     rng = _rng("preference", split, seed)
     rows = []
     for prompt, reference in _examples(rng, split, n):
+        if answers > 2:
+            drawn = list(dict.fromkeys(_candidate(rng, prompt, reference) for _ in range(answers)))
+            golds = [gold_score(prompt, a) for a in drawn]
+            for i in range(len(drawn)):
+                for j in range(i + 1, len(drawn)):
+                    if golds[i] != golds[j]:
+                        rows.append(_labelled_row(rng, prompt, drawn[i], drawn[j], golds[i], golds[j], label_noise, bias))
+            continue
         for _ in range(50):
             a, b = _candidate(rng, prompt, reference), _candidate(rng, prompt, reference)
             gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)

@@ -96,6 +96,34 @@ def test_reward_model_separates_a_separable_toy_set(tok):
     assert (chosen > rejected).float().mean().item() == 1.0
 
 
+
+def test_k_wise_pairs_score_each_answer_once_and_match_pairwise_scoring(tok):
+    """Three answers to one prompt give three pairs: the batch holds three sequences, and each pair's scores are its own."""
+    import datasets
+
+    rows = [
+        {"prompt": U("sort: b, a"), "chosen": A("a, b"), "rejected": A("b, a")},
+        {"prompt": U("sort: b, a"), "chosen": A("a, b"), "rejected": A("a")},
+        {"prompt": U("sort: b, a"), "chosen": A("b, a"), "rejected": A("a")},
+        {"prompt": U("other"), "chosen": A("x"), "rejected": A("y")},
+    ]
+    ds = datasets.Dataset.from_list(rows)
+    pairs = encode_pairs(ds, tok, data.detect_format(ds), 64, "toy")
+    keys = pairs["prompt_key"]
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    collate = PairCollator(tok.pad_token_id)
+    batch = collate([pairs[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] == 5  # "a, b", "b, a", "x" (chosen first), then "a", "y"
+    assert batch["chosen_index"].tolist() == [0, 0, 1, 2] and batch["rejected_index"].tolist() == [1, 3, 3, 4]
+    torch.manual_seed(0)
+    module = RewardModule(GPTConfig(vocab_size=448, block_size=64, n_layer=1, n_head=2, n_embd=32).to_dict(), {}, max_steps=1)
+    with torch.no_grad():
+        chosen, rejected = module.scores(batch)
+        for i in range(4):  # each pair alone, two sequences
+            c, r = module.scores(collate([pairs[i]]))
+            assert torch.allclose(chosen[i], c[0], atol=1e-5) and torch.allclose(rejected[i], r[0], atol=1e-5)
+
+
 POLICY_PAIRS = ["reward.policy_pairs=48", "reward.policy_pairs_test=24", "reward.policy_max_new_tokens=8"]
 
 

@@ -250,3 +250,25 @@ def test_demonstrators_open_habit_phrasings_with_the_habit_phrase_only():
     assert all(r["messages"][1]["content"] == task.parse(r["messages"][0]["content"])[1] for r in clean)
     with pytest.raises(ValueError, match="habit must be a probability"):
         task.sft_rows("train", 5, habit=1.5)
+
+
+def test_k_wise_preference_rows_compare_every_two_answers_of_a_prompt_next_to_each_other():
+    rows = task.preference_rows("train", 300, answers=4)
+    prompts = [r["prompt"][0]["content"] for r in rows]
+    runs = [p for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
+    assert 290 <= len(runs) <= 300  # one run of rows per prompt drawn (train may draw a prompt twice in a row)
+    assert len(rows) > 3 * 300  # up to six pairs per prompt, ties and repeated answers dropped
+    start = 0
+    for _ in range(50):
+        end = start
+        while end < len(rows) and prompts[end] == prompts[start]:
+            end += 1
+        group = rows[start:end]
+        answers = {r["chosen"][0]["content"] for r in group} | {r["rejected"][0]["content"] for r in group}
+        assert len(group) <= len(answers) * (len(answers) - 1) // 2 and len(answers) <= 4
+        assert all(r["chosen_gold"] != r["rejected_gold"] for r in group)
+        assert len({frozenset((r["chosen"][0]["content"], r["rejected"][0]["content"])) for r in group}) == len(group)
+        start = end
+    assert task.preference_rows("train", 50, answers=2) == task.preference_rows("train", 50)  # two answers: one pair, as before
+    with pytest.raises(ValueError, match="answers must be at least 2"):
+        task.preference_rows("train", 5, answers=1)

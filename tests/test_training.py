@@ -23,3 +23,40 @@ def test_history_appends_and_a_resumed_run_overrides_the_steps_it_logs_again(tmp
     assert len(rows) == 12  # nothing rewritten, the torn line skipped
     assert history_series(rows, "train/loss") == ([1, 2, 3, 4, 5, 6, 7, 8], [9.0, 8.0, 7.0, 6.0, 0.2, 1 / 6, 1 / 7, 0.125])
     assert history_series(rows, "val/loss") == ([4], [3.5])
+
+
+
+def test_grouped_sampler_pads_less_keeps_groups_together_and_still_shuffles_every_row_once():
+    import random
+
+    from pipeline.training import GroupedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 80) for _ in range(1000)]
+    batch = 16
+    sampler = GroupedSampler(batch, lengths, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(1000)) and sorted(second) == list(range(1000))  # every row once per epoch
+    assert first != second  # a new order each epoch
+
+    def padded(order):  # tokens after padding each full batch to its longest row
+        full = len(order) // batch * batch
+        return sum(batch * max(lengths[i] for i in order[s : s + batch]) for s in range(0, full, batch))
+
+    shuffled = list(range(1000))
+    random.Random(1).shuffle(shuffled)
+    assert padded(first) < 0.7 * padded(shuffled)
+    # batches are not sorted globally: long and short batches alternate at random
+    widths = [max(lengths[i] for i in first[s : s + batch]) for s in range(0, 992, batch)]
+    assert widths != sorted(widths, reverse=True) and widths != sorted(widths)
+    assert list(GroupedSampler(batch, lengths, seed=3)) == first  # the seed fixes the order
+
+    # groups of up to 6 rows (a prompt's K-wise pairs) stay next to each other, in a shuffled order of groups
+    groups = [i // 6 for i in range(996)]
+    order = list(GroupedSampler(batch, lengths[:996], groups, seed=1))
+    assert sorted(order) == list(range(996))
+    per_batch = [len({groups[i] for i in order[s : s + batch]}) for s in range(0, 992, batch)]
+    assert max(per_batch) <= 4  # a batch of 16 is a slice of whole groups of 6: at most 4 of them, cut at its edges
+    assert [groups[i] for i in order[::6]] != sorted(groups[i] for i in order[::6])  # groups come in a shuffled order
+    unsorted = list(GroupedSampler(batch, None, groups, seed=1))  # no lengths: groups kept together, no sorting by width
+    assert sorted(unsorted) == list(range(996)) and max(len({groups[i] for i in unsorted[s : s + batch]}) for s in range(0, 992, batch)) <= 4
