@@ -55,12 +55,22 @@ def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: 
     has_margin = "margin" in ds.column_names
     has_gold = {"chosen_gold", "rejected_gold"} <= set(ds.column_names)
 
+    seen: dict[str, list[int]] = {}  # K-wise rows repeat each prompt and answer: render and tokenise each once
+
+    def ids_of(prompt, response) -> list[int]:
+        key = json.dumps([prompt, response], ensure_ascii=False)
+        if key not in seen:
+            seen[key] = sequence_ids(tokenizer, prompt, response, fmt.conversational) if response is not None else prompt_ids(tokenizer, prompt)
+        return seen[key]
+
     def encode(row, index):
+        if len(seen) > 200_000:
+            seen.clear()
         prompt = row["prompt"] if not fmt.implicit_prompt else None
-        chosen = sequence_ids(tokenizer, prompt, row["chosen"], fmt.conversational)
-        rejected = sequence_ids(tokenizer, prompt, row["rejected"], fmt.conversational)
+        chosen = ids_of(prompt, row["chosen"])
+        rejected = ids_of(prompt, row["rejected"])
         if prompt is not None:
-            prompt_len = len(prompt_ids(tokenizer, prompt))
+            prompt_len = len(ids_of(prompt, None))
             if prompt_len >= max_len:
                 raise UserError(f"{source}: row {index} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
         gold = 0.0

@@ -768,14 +768,22 @@ def _labelled_row(rng: random.Random, prompt: str, a: str, b: str, gold_a: float
     }
 
 
-DEFAULT_SIZES = {
+DEFAULT_SIZES = {  # prompts per split
     "sft": {"train": 20_000, "validation": 500, "test": 500},
-    "preference": {"train": 20_000, "validation": 500, "test": 500},
+    "preference": {"train": 25_000, "validation": 500, "test": 500},
     "prompts": {"train": 20_000, "validation": 200, "test": 200},
 }
+# Training comparisons are K-wise, as InstructGPT's: every two of 4 answers to a prompt (about 4.3 pairs
+# per prompt once ties and repeated answers are dropped), which the reward stage scores once each. The
+# held-out splits keep one pair per prompt, so their accuracy counts each prompt once.
+PREFERENCE_ANSWERS = {"train": 4, "validation": 2, "test": 2}
 
 
 def default_rows() -> dict[str, dict[str, list[dict]]]:
     """The embedded default data: SFT conversations, preference pairs and PPO prompts, three splits each."""
-    makers = {"sft": sft_rows, "preference": preference_rows, "prompts": prompt_rows}
-    return {kind: {split: makers[kind](split, n) for split, n in sizes.items()} for kind, sizes in DEFAULT_SIZES.items()}
+    rows: dict[str, dict[str, list[dict]]] = {"sft": {}, "preference": {}, "prompts": {}}
+    for split in SPLITS:
+        rows["sft"][split] = sft_rows(split, DEFAULT_SIZES["sft"][split])
+        rows["preference"][split] = preference_rows(split, DEFAULT_SIZES["preference"][split], answers=PREFERENCE_ANSWERS[split])
+        rows["prompts"][split] = prompt_rows(split, DEFAULT_SIZES["prompts"][split])
+    return rows

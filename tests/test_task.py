@@ -117,12 +117,15 @@ def _prompt_text(kind: str, row: dict) -> str:
 
 def test_default_rows_sizes_runtime_and_disjoint_splits(defaults):
     rows, seconds = defaults
-    assert seconds < 30.0  # about 3 s on an idle 2-core machine; a bound that catches a blow-up, not a benchmark
+    assert seconds < 30.0  # about 6 s on an idle 2-core machine; a bound that catches a blow-up, not a benchmark
     assert set(rows) == {"sft", "preference", "prompts"}
     home: dict[str, str] = {}  # prompt text -> the one split it may appear in, across all kinds
     for kind, splits in rows.items():
         assert set(splits) == set(task.SPLITS)
-        assert len(splits["train"]) == 20_000 and 200 <= len(splits["test"]) <= 500
+        if kind == "preference":  # K-wise training comparisons: several pairs per prompt, one per held-out prompt
+            assert 4 * 25_000 <= len(splits["train"]) <= 6 * 25_000 and len(splits["test"]) == 500
+        else:
+            assert len(splits["train"]) == 20_000 and 200 <= len(splits["test"]) <= 500
         for split, split_rows in splits.items():
             texts = [_prompt_text(kind, r) for r in split_rows]
             if split != "train":
