@@ -44,40 +44,38 @@ def sequence_ids(tokenizer, prompt, response, conversational: bool) -> list[int]
     return [tokenizer.bos_token_id] + encode_ids(tokenizer, (prompt or "") + response) + [tokenizer.eos_token_id]
 
 
-def _prompt_key(prompt) -> int:
-    """A stable 63-bit key of a prompt (text or messages), so the sampler can keep a prompt's pairs together."""
-    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+def _prompt_key(prompt_json: str) -> int:
+    """A stable 63-bit key of a prompt (its JSON), so the sampler can keep a prompt's pairs together."""
+    return int.from_bytes(hashlib.blake2b(prompt_json.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
 def encode_pairs(ds, tokenizer, fmt: data_lib.DataFormat, max_len: int, source: str):
     """Tokenise chosen and rejected sequences; keep a margin and the gold ordering where the data has them."""
     has_margin = "margin" in ds.column_names
     has_gold = {"chosen_gold", "rejected_gold"} <= set(ds.column_names)
+    memo: dict[tuple, list[int]] = {}  # K-wise rows repeat each prompt and answer: render and tokenise each once
 
-    seen: dict[str, list[int]] = {}  # K-wise rows repeat each prompt and answer: render and tokenise each once
-
-    def ids_of(prompt, response) -> list[int]:
-        key = json.dumps([prompt, response], ensure_ascii=False)
-        if key not in seen:
-            seen[key] = sequence_ids(tokenizer, prompt, response, fmt.conversational) if response is not None else prompt_ids(tokenizer, prompt)
-        return seen[key]
+    def once(key: tuple, make) -> list[int]:
+        if key not in memo:
+            if len(memo) >= 200_000:  # bounded memory on large datasets
+                memo.clear()
+            memo[key] = make()
+        return memo[key]
 
     def encode(row, index):
-        if len(seen) > 200_000:
-            seen.clear()
         prompt = row["prompt"] if not fmt.implicit_prompt else None
-        chosen = ids_of(prompt, row["chosen"])
-        rejected = ids_of(prompt, row["rejected"])
+        head = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        chosen = once((head, json.dumps(row["chosen"])), lambda: sequence_ids(tokenizer, prompt, row["chosen"], fmt.conversational))
+        rejected = once((head, json.dumps(row["rejected"])), lambda: sequence_ids(tokenizer, prompt, row["rejected"], fmt.conversational))
         if prompt is not None:
-            prompt_len = len(ids_of(prompt, None))
+            prompt_len = len(once((head,), lambda: prompt_ids(tokenizer, prompt)))
             if prompt_len >= max_len:
                 raise UserError(f"{source}: row {index} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
         gold = 0.0
         if has_gold:
             gold = float((row["chosen_gold"] > row["rejected_gold"]) - (row["chosen_gold"] < row["rejected_gold"]))
         return {
-            "prompt_key": _prompt_key(prompt) if prompt is not None else -1 - index,  # rows of one prompt share it
+            "prompt_key": _prompt_key(head) if prompt is not None else -1 - index,  # rows of one prompt share it
             "chosen_ids": chosen[:max_len],
             "rejected_ids": rejected[:max_len],
             "margin": float(row["margin"]) if has_margin else 0.0,

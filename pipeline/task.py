@@ -715,12 +715,7 @@ def preference_rows(
     rows = []
     for prompt, reference in _examples(rng, split, n):
         if answers > 2:
-            drawn = list(dict.fromkeys(_candidate(rng, prompt, reference) for _ in range(answers)))
-            golds = [gold_score(prompt, a) for a in drawn]
-            for i in range(len(drawn)):
-                for j in range(i + 1, len(drawn)):
-                    if golds[i] != golds[j]:
-                        rows.append(_labelled_row(rng, prompt, drawn[i], drawn[j], golds[i], golds[j], label_noise, bias))
+            rows += _k_wise_rows(rng, prompt, reference, answers, label_noise, bias)
             continue
         for _ in range(50):
             a, b = _candidate(rng, prompt, reference), _candidate(rng, prompt, reference)
@@ -732,6 +727,18 @@ def preference_rows(
             gold_b = gold_score(prompt, b)
         rows.append(_labelled_row(rng, prompt, a, b, gold_a, gold_b, label_noise, bias))
     return rows
+
+
+def _k_wise_rows(rng: random.Random, prompt: str, reference: str, answers: int, label_noise: float, bias: float) -> list[dict]:
+    """A labelled row for every two of `answers` drawn answers to one prompt that differ (in text and gold score)."""
+    drawn = list(dict.fromkeys(_candidate(rng, prompt, reference) for _ in range(answers)))
+    golds = [gold_score(prompt, a) for a in drawn]
+    return [
+        _labelled_row(rng, prompt, drawn[i], drawn[j], golds[i], golds[j], label_noise, bias)
+        for i in range(len(drawn))
+        for j in range(i + 1, len(drawn))
+        if golds[i] != golds[j]
+    ]
 
 
 def labelled_pairs(
