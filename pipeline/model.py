@@ -271,21 +271,31 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) of token ids idx (B, T).
 
         attention_mask (B, past+T), 1 for real tokens, is needed only with padding; with a KV cache it
         covers the cached positions too. Without a mask and without a cache attention is plain causal
         (the flash path).
+
+        packed = (positions (B, T), mask (B, 1, T, T) bool) scores several sequences packed in one row,
+        e.g. the answers to one prompt after a single copy of it: each token takes its position in
+        its own sequence and attends only where mask allows (see reward.PairCollator).
         """
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
-        if past + T > limit or past + T > self.config.block_size:
+        # A packed row may be longer than the context; its sequences are not (their positions index the tables).
+        if packed is None and (past + T > limit or past + T > self.config.block_size):
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than the model's context (block_size={self.config.block_size})"
             )
-        if attention_mask is not None:
+        if packed is not None:
+            if attention_mask is not None or kv_cache is not None:
+                raise ValueError("packed sequences take their own positions and mask: no attention_mask or kv_cache")
+            positions, mask = packed
+        elif attention_mask is not None:
             positions = positions_from_mask(attention_mask)[:, past : past + T]  # (B, T)
             mask = attention_mask_4d(attention_mask, T, past)
         else:
@@ -305,8 +315,8 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.norm_f(x)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx, attention_mask, kv_cache))  # (B, T, V)
+    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx, attention_mask, kv_cache, packed))  # (B, T, V)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.wte.weight
@@ -331,8 +341,8 @@ class ScalarGPT(GPT):
         nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None) -> torch.Tensor:
-        return self.score_head(self.hidden_states(idx, attention_mask, kv_cache)).squeeze(-1)  # (B, T)
+    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None) -> torch.Tensor:
+        return self.score_head(self.hidden_states(idx, attention_mask, kv_cache, packed)).squeeze(-1)  # (B, T)
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

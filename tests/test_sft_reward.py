@@ -124,6 +124,42 @@ def test_k_wise_pairs_score_each_answer_once_and_match_pairwise_scoring(tok):
             assert torch.allclose(chosen[i], c[0], atol=1e-5) and torch.allclose(rejected[i], r[0], atol=1e-5)
 
 
+def test_packed_prompts_are_read_once_and_give_the_scores_of_separate_rows(tok):
+    """share_prompts packs a prompt's answers after one copy of it; every score equals the plain layout's."""
+    import datasets
+
+    rows = [
+        {"prompt": U("sort: pear, fig, apple"), "chosen": A("apple, fig, pear"), "rejected": A("fig, pear")},
+        {"prompt": U("sort: pear, fig, apple"), "chosen": A("apple, fig, pear"), "rejected": A("Sure! apple, pear, fig")},
+        {"prompt": U("sort: pear, fig, apple"), "chosen": A("fig, pear"), "rejected": A("Sure! apple, pear, fig")},
+        {"prompt": U("count: a, b"), "chosen": A("2"), "rejected": A("3")},
+        {"prompt": U("a much longer prompt that fills a row on its own"), "chosen": A("yes"), "rejected": A("no, it does not")},
+    ]
+    ds = datasets.Dataset.from_list(rows)
+    pairs = [dict(r) for r in encode_pairs(ds, tok, data.detect_format(ds), 64, "toy")]
+    implicit = [{k: v for k, v in r.items() if k != "prompt_key"} for r in pairs]  # no key: each row's own two share
+    torch.manual_seed(0)
+    module = RewardModule(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=2, n_embd=32).to_dict(), {}, max_steps=1)
+    plain = PairCollator(tok.pad_token_id)(pairs)
+    with torch.no_grad():
+        want = module.scores(plain)
+        for batch_rows, max_row in ((pairs, 1024), (pairs, 12), (implicit, 1024)):
+            batch = PairCollator(tok.pad_token_id, share_prompts=True, max_row=max_row)(batch_rows)
+            assert "packed_mask" in batch
+            real = int(batch["attention_mask"].sum())
+            assert batch["score_index"].numel() == plain["input_ids"].size(0) == 7  # 3 + 2 + 2 distinct sequences
+            got = module.scores(batch)
+            for g, w in zip(got, want):
+                assert torch.allclose(g, w, atol=1e-5), (max_row, g, w)
+            if max_row == 1024 and batch_rows is pairs:
+                # Three prompts read once instead of seven times, with less padding too.
+                assert real < int(plain["attention_mask"].sum()) - 4 * 10
+                assert batch["input_ids"].numel() < plain["input_ids"].numel()
+    # Nothing shared (rows of distinct prompts and no common prefix): the plain right-padded layout.
+    lone = PairCollator(tok.pad_token_id, share_prompts=True)([{"chosen_ids": [5, 6], "rejected_ids": [7, 8, 9], "margin": 0.0, "gold_sign": 0.0}])
+    assert "packed_mask" not in lone and lone["input_ids"].tolist() == [[5, 6, tok.pad_token_id], [7, 8, 9]]
+
+
 POLICY_PAIRS = ["reward.policy_pairs=48", "reward.policy_pairs_test=24", "reward.policy_max_new_tokens=8"]
 
 
