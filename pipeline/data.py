@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # datasets is imported where it is used: importing it takes m
     import pyarrow as pa
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TASK_VERSION = "v5"  # bump when the embedded task generator changes, so cached files are rebuilt
+TASK_VERSION = "v6"  # bump when the embedded task generator changes, so cached files are rebuilt
 # File-name prefixes that name a split (train.jsonl, val.parquet, test-00001-of-00002.parquet, ...).
 SPLIT_NAMES = {
     "train": "train",

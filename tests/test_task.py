@@ -123,7 +123,7 @@ def test_default_rows_sizes_runtime_and_disjoint_splits(defaults):
     for kind, splits in rows.items():
         assert set(splits) == set(task.SPLITS)
         if kind == "preference":  # K-wise training comparisons: several pairs per prompt, one per held-out prompt
-            assert 4 * 25_000 <= len(splits["train"]) <= 6 * 25_000 and len(splits["test"]) == 500
+            assert 4 * 25_000 <= len(splits["train"]) <= 6 * 25_000 and len(splits["test"]) == 2000
         else:
             assert len(splits["train"]) == 20_000 and 200 <= len(splits["test"]) <= 500
         for split, split_rows in splits.items():
