@@ -13,7 +13,9 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
   precision, without gradient checkpointing (which SFTConfig turns on by default);
 - reward model: our reward stage's LightningModule vs TRL's `RewardTrainer` on the exported backbone with
   transformers' sequence-classification head, the same pre-tokenised chosen / rejected rows, batch and
-  optimiser settings (Bradley-Terry loss on both sides);
+  optimiser settings (Bradley-Terry loss on both sides); twice: on unrelated random pairs, and on K-wise
+  pairs (4 answers to a prompt, every two a pair) where our stage scores each answer once after one
+  copy of the prompt, as it does by default; both rows credit each side with the same tokens per pair;
 - online RL, in episodes/s: our PPO stage's LightningModule vs TRL's `RLOOTrainer` on the exported model,
   the same toy reward (count of one token), batch of completions, completion length and KL to a frozen
   reference, one optimisation step per batch on both sides;
@@ -303,11 +305,36 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
     return ours_timer.rate(batch_size * (seq_len - 1)), trl_timer.rate(batch_size * (seq_len - 1))
 
 
-def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+def reward_pairs(n: int, seq_len: int, vocab: int, answers: int = 0) -> list[dict]:
+    """Pre-tokenised preference pairs whose chosen and rejected sequences are seq_len tokens each.
+
+    answers=0: unrelated random chosen and rejected rows. answers=K: K-wise comparisons, K answers to
+    each prompt and a pair for every two, the prompt the first three quarters of each sequence and a
+    prompt's pairs next to each other (`prompt_key`), as the embedded task's training split has them.
+    """
+    if not answers:
+        chosen = random_blocks(n, seq_len - 1, vocab, seed=2)
+        rejected = random_blocks(n, seq_len - 1, vocab, seed=3)
+        return [{"chosen_ids": c["input_ids"].tolist(), "rejected_ids": r["input_ids"].tolist()} for c, r in zip(chosen, rejected)]
+    prompt_len = max(1, seq_len * 3 // 4)
+    per_prompt = answers * (answers - 1) // 2
+    g = torch.Generator().manual_seed(4)
+    pairs = []
+    for key in range(-(-n // per_prompt)):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        seqs = [prompt + torch.randint(0, vocab, (seq_len - prompt_len,), generator=g).tolist() for _ in range(answers)]
+        pairs += [{"chosen_ids": seqs[i], "rejected_ids": seqs[j], "prompt_key": key} for i in range(answers) for j in range(i + 1, answers)]
+    return pairs[:n]
+
+
+def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int, answers: int = 0) -> tuple[float, float]:
     """Tokens/s of reward-model training: (our RewardModule under Lightning, TRL RewardTrainer), same pairs, batch and optimiser.
 
-    Each pair is a chosen and a rejected row of seq_len tokens, so both sides read 2 x batch x seq_len
-    tokens a step. TRL's model is transformers' sequence-classification head on the exported backbone.
+    Each pair is a chosen and a rejected row of seq_len tokens, and both sides are credited with
+    2 x batch x seq_len tokens a step, so the ratio is one of pairs/s. TRL's model is transformers'
+    sequence-classification head on the exported backbone. With answers=K the pairs are K-wise
+    (see reward_pairs) and our side runs as the reward stage does: a prompt's pairs in one batch,
+    each answer scored once after a single copy of the prompt (`data.share_prompts`).
     """
     import tempfile
 
@@ -318,9 +345,7 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
     from pipeline.reward import PairCollator, RewardModule
 
     seq_len = cfg.data.seq_len
-    chosen = random_blocks(batch_size * 8, seq_len - 1, model_config.vocab_size, seed=2)
-    rejected = random_blocks(batch_size * 8, seq_len - 1, model_config.vocab_size, seed=3)
-    pairs = [{"chosen_ids": c["input_ids"].tolist(), "rejected_ids": r["input_ids"].tolist()} for c, r in zip(chosen, rejected)]
+    pairs = reward_pairs(batch_size * 8, seq_len, model_config.vocab_size, answers)
     device = device_of(cfg)
     optim = OmegaConf.to_container(cfg.model, resolve=True)
 
@@ -328,7 +353,10 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
     module = RewardModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
     ours_timer = StepTimes(warmup, device)
     ours_rows = [{**p, "margin": 0.0, "gold_sign": 0.0} for p in pairs]
-    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PairCollator(0)))
+    collate = PairCollator(0, share_prompts=bool(answers), max_row=model_config.block_size)
+    groups = [p["prompt_key"] for p in pairs] if answers else None
+    batches = Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=collate, groups=groups)
+    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=batches)
 
     trl_timer = StepTimes(warmup, device)
 
@@ -338,7 +366,8 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) ->
     getattr(hf_model, hf_model.base_model_prefix).load_state_dict(getattr(hf_lm, hf_lm.base_model_prefix).state_dict())
     with tempfile.TemporaryDirectory() as tmp:
         args = RewardConfig(**hf_training_args(cfg, tmp, batch_size, warmup + steps, device), max_length=seq_len, dataloader_drop_last=True)
-        trainer = RewardTrainer(model=hf_model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=word_tokenizer(model_config.vocab_size), callbacks=[trl_timer.hf_callback()])
+        data = Dataset.from_list([{"chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]} for p in pairs])
+        trainer = RewardTrainer(model=hf_model, args=args, train_dataset=data, processing_class=word_tokenizer(model_config.vocab_size), callbacks=[trl_timer.hf_callback()])
         trainer.train()
     tokens = 2 * batch_size * (seq_len - 1)
     return ours_timer.rate(tokens), trl_timer.rate(tokens)
@@ -425,7 +454,10 @@ def main(argv: list[str]) -> dict:
         rows.append(row("sft: Lightning stage vs TRL SFTTrainer (completion-only loss)", s_ours, f"TRL SFTTrainer, transformers {arch}", s_trl))
     if cfg.bench.reward:
         r_ours, r_trl = reward_speed(cfg, model_config, batch_size, steps, warmup)
-        rows.append(row("reward: Lightning stage vs TRL RewardTrainer (pairwise loss)", r_ours, f"TRL RewardTrainer, transformers {arch.replace('LMHead', '').replace('ForCausalLM', '')}ForSequenceClassification", r_trl))
+        classifier = f"TRL RewardTrainer, transformers {arch.replace('LMHead', '').replace('ForCausalLM', '')}ForSequenceClassification"
+        rows.append(row("reward: Lightning stage vs TRL RewardTrainer (pairwise loss)", r_ours, classifier, r_trl))
+        k_ours, k_trl = reward_speed(cfg, model_config, batch_size, steps, warmup, answers=4)
+        rows.append(row("reward, K-wise pairs (4 answers a prompt, prompt 3/4 of each row): shared prompts vs TRL RewardTrainer", k_ours, classifier, k_trl))
     if cfg.bench.rl:
         e_ours, e_trl = rl_speed(cfg, model_config, batch_size, steps, warmup)
         rows.append(row(f"rl: PPO stage vs TRL RLOOTrainer, episodes/s ({cfg.bench.gen_tokens} new tokens at most)", e_ours, f"TRL RLOOTrainer, transformers {arch}", e_trl))

@@ -22,11 +22,12 @@ def test_bench_smoke(arch, overrides, outputs_root):
     assert result["ratio_ours_over_plain"] == result["ours_tokens_per_s"] / result["plain_loop_tokens_per_s"]
     assert result["transformers_architecture"] == arch
     names = [r["row"] for r in result["rows"]]
-    assert len(names) == 8 and sum(n.startswith("sft:") for n in names) == 1 and sum(n.startswith("pretrain:") for n in names) == 3
+    assert len(names) == 9 and sum(n.startswith("sft:") for n in names) == 1 and sum(n.startswith("pretrain:") for n in names) == 3
     rl_rows = [r for r in result["rows"] if r["row"].startswith("rl:")]
     assert len(rl_rows) == 1 and "RLOOTrainer" in rl_rows[0]["peer"] and "episodes/s" in rl_rows[0]["row"]
     reward_rows = [r for r in result["rows"] if r["row"].startswith("reward:")]
-    assert len(reward_rows) == 1 and "RewardTrainer" in reward_rows[0]["peer"] and "ForSequenceClassification" in reward_rows[0]["peer"]
+    reward_rows += [r for r in result["rows"] if r["row"].startswith("reward, K-wise")]
+    assert len(reward_rows) == 2 and all("RewardTrainer" in r["peer"] and "ForSequenceClassification" in r["peer"] for r in reward_rows)
     assert [n.split(",")[0] for n in names if n.startswith("generate:")] == ["generate: batch 1", "generate: batch 3"]
     for r in result["rows"]:
         assert r["ours_tokens_per_s"] > 0 and r["peer_tokens_per_s"] > 0, r
