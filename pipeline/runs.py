@@ -194,11 +194,14 @@ def load_model_payload(path: Path) -> dict:
         return payload
     if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
         hp = payload["hyper_parameters"]
-        if "model_config" not in hp:
-            raise UserError(f"{path} is a Lightning checkpoint without a model_config hyper-parameter")
-        prefix = "model."
+        if "model_config" in hp:
+            config, prefix, kind = hp["model_config"], "model.", hp.get("model_kind", "lm")
+        elif "actor_config" in hp:  # the PPO stage's: the policy (actor) is the model it carries forward
+            config, prefix, kind = hp["actor_config"], "actor.", "lm"
+        else:
+            raise UserError(f"{path} is a Lightning checkpoint without a model_config (or PPO actor_config) hyper-parameter")
         state = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
-        return {"config": hp["model_config"], "state_dict": state, "kind": hp.get("model_kind", "lm"), "extra": {}}
+        return {"config": config, "state_dict": state, "kind": kind, "extra": {}}
     raise UserError(f"{path} is neither a model.pt of this pipeline nor a Lightning checkpoint of one of its stages")
 
 

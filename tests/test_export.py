@@ -272,3 +272,26 @@ def test_export_from_a_lightning_checkpoint(tokenizer, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_ppo_checkpoint_starts_a_stage_from_its_actor(tokenizer, tmp_path):
+    """A PPO stage's Lightning checkpoint holds actor, critic, reference and reward model: init_from takes the actor."""
+    from pipeline.model import ScalarGPT
+
+    actor, reference = tiny_model(seed=3), tiny_model(seed=4)
+    scorer = ScalarGPT(reference.config)
+    state = {f"{name}.{k}": v for name, m in (("actor", actor), ("reference", reference), ("critic", scorer), ("reward_model", scorer)) for k, v in m.state_dict().items()}
+    run_dir = finished_run(tmp_path, "ppo", "a", tiny_model(seed=5), tokenizer)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    hparams = {"actor_config": actor.config.to_dict(), "reward_config": scorer.config.to_dict(), "ppo": {}, "eos_id": 1, "pad_id": 0}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)  # the keys and hyper-parameters PPOModule saves
+    loaded, tok, payload, _ = runs.load_start(str(ckpt), "export", tmp_path)
+    assert payload["kind"] == "lm" and len(tok) == len(tokenizer)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), actor(ids))
+    del hparams["actor_config"]
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(UserError, match="without a model_config"):
+        runs.load_model_payload(ckpt)
