@@ -1,13 +1,13 @@
-"""Entry point: `python -m pipeline [stage=NAME] [overrides...]`.
+"""Entry point: `python -m pipeline [stage=NAME | recipe=NAME] [overrides...]`.
 
-Without `stage=` it runs the whole pipeline (pretrain -> sft -> reward -> ppo); each stage runs as
-its own process and run directory, starting from the one before. The return value is the stage's
-objective (for Hydra sweepers such as Optuna).
+`stage=NAME` runs one stage of the registry (pipeline/stages/__init__.py). Without it, the recipe
+(`conf/recipe/`, default `instructgpt`: pretrain -> sft -> reward -> ppo) runs its stages in order,
+each as its own process and run directory, each starting from the stages before it as the registry
+says. The return value is the stage's objective (for Hydra sweepers such as Optuna).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import runs
 from pipeline.errors import UserError
+from pipeline.files import read_json
+from pipeline.stages import RECIPE_RUNNER, STAGES
 
 log = logging.getLogger("pipeline")
 
@@ -39,7 +41,7 @@ def run_stage(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.run_dir)
     if runs.is_finished(run_dir):
         if not cfg.rerun:
-            metrics = runs.read_json(run_dir / runs.METRICS_FILE)
+            metrics = read_json(run_dir / runs.METRICS_FILE)
             log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
             return objective(cfg, metrics)
         from pipeline.training import HISTORY_FILE
@@ -47,8 +49,7 @@ def run_stage(cfg: DictConfig) -> float | None:
         for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt", HISTORY_FILE):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    stage = importlib.import_module(f"pipeline.{cfg.stage}")
-    metrics = stage.run(cfg, run_dir)
+    metrics = STAGES[cfg.stage].module.run(cfg, run_dir)
     return objective(cfg, metrics)
 
 
@@ -70,34 +71,44 @@ def overrides_for(stage: str, overrides: list[str]) -> list[str]:
     return kept
 
 
-def run_all(cfg: DictConfig) -> None:
-    """Every stage in order, each a child process with the same overrides, chained by init_from.
+def run_recipe(cfg: DictConfig) -> None:
+    """The recipe's stages in order, each a child process with the same overrides, chained by init_from.
 
     A stage's directory is <root>/<stage>/<this pipeline run's name>, so rerunning the same command
-    skips the finished stages and resumes the interrupted one.
+    skips the finished stages and resumes the interrupted one. Each stage starts from the latest
+    earlier stage of the recipe that the registry lists in its `starts_from` (and likewise for its
+    other inputs, PPO's reward_from); `recipe.overrides.<stage>` adds overrides for one stage only.
     """
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "init_from=", "reward_from="))]
+    inputs = {"init_from", *(key for s in STAGES.values() for key in s.inputs)}
+    passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "recipe=")) and o.split("=", 1)[0] not in inputs]
     name = Path(cfg.paths.run_dir).name
     root = Path(cfg.paths.root)
-    previous = cfg.init_from
+    unknown = [s for s in cfg.recipe.stages if s not in STAGES or not STAGES[s].trains]
+    if unknown:
+        raise UserError(f"recipe {cfg.recipe.name}: {unknown} are not training stages; stages are {[s.name for s in STAGES.values() if s.trains]}")
+    done: list[str] = []
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
-    for stage in cfg.stages:
+    for stage in cfg.recipe.stages:
+        spec = STAGES[stage]
         stage_dir = root / stage / name
-        command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), f"hydra.run.dir={stage_dir}"]
-        if stage == "ppo":  # the policy starts from SFT; the reward model comes from the reward stage
-            command += [f"init_from={root / 'sft' / name}", f"reward_from={root / 'reward' / name}"]
-        elif stage != "pretrain" and previous:
-            command.append(f"init_from={previous}")
+        own = list((cfg.recipe.get("overrides") or {}).get(stage) or [])
+        command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), *own, f"hydra.run.dir={stage_dir}"]
+        for key, sources in (("init_from", spec.starts_from), *spec.inputs.items()):
+            parent = next((d for d in reversed(done) if d in sources), None)
+            if parent is not None:
+                command.append(f"{key}={root / parent / name}")
+            elif key == "init_from" and cfg.init_from and sources:
+                command.append(f"init_from={cfg.init_from}")  # the recipe's first stage starts from the user's model
         log.info("pipeline: %s", " ".join(command[2:]))
         result = subprocess.run(command, env=env)
         if result.returncode != 0:
             raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
-        previous = stage_dir
+        done.append(stage)
     log.info("pipeline finished: runs under %s/*/%s", root, name)
-    from pipeline.report import write_report
+    from pipeline.tools.report import write_report
 
     use_wandb = cfg.logger.name == "wandb"
     report = write_report(
@@ -113,8 +124,8 @@ def run_all(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        if cfg.stage == "all":
-            return run_all(cfg)
+        if cfg.stage == RECIPE_RUNNER:
+            return run_recipe(cfg)
         return run_stage(cfg)
     except UserError as e:
         log.error("%s", e)

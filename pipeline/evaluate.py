@@ -1,45 +1,19 @@
-"""Answering prompts with a model and scoring the answers: the measurements SFT and PPO report.
+"""Answering prompts with a model and scoring the answers with the task's gold judge: what SFT, PPO and the report measure.
 
-Prompts are TRL prompts: a string (standard) or a list of {role, content} messages (conversational).
-Conversational prompts go through the tokenizer's chat template with the generation prompt; standard
-ones get BOS in front. Batches are left-padded for the KV-cache sampler.
+Prompts are TRL prompts: a string (standard) or a list of {role, content} messages (conversational),
+turned into ids by data/chat.py and sampled by the one engine (model/engine.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from pipeline.model import GPT, Generation, generate
-
-
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt as the model sees it right before its answer."""
-    if isinstance(prompt, str):
-        return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_text(prompt) -> str:
-    """The user's words in a prompt (the last user turn of a conversation): what a judge reads."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded on the left so every row ends on a real token."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+from pipeline.data.chat import prompt_ids, prompt_text
+from pipeline.model import GPT, Generation, generate, left_pad
+from pipeline.tasks import default_task
 
 
 @torch.no_grad()
@@ -79,8 +53,7 @@ def complete(
 
 def gold_eval(model: GPT, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 32) -> tuple[float, list[dict]]:
     """Mean gold-judge score of greedy answers to held-out prompts, and the rows (prompt, answer, score)."""
-    from pipeline.task import gold_score
-
+    gold_score = default_task().gold_score
     answers = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = []
     for prompt, answer in zip(prompts, answers):
@@ -88,3 +61,21 @@ def gold_eval(model: GPT, tokenizer, prompts: Sequence, max_new_tokens: int, bat
         rows.append({"prompt": text, "response": answer, "gold": gold_score(text, answer)})
     mean = sum(r["gold"] for r in rows) / max(1, len(rows))
     return mean, rows
+
+
+def gold_prompts(cfg) -> list | None:
+    """The first `eval.num_prompts` held-out prompts of the embedded task (its test split), when the gold judge applies.
+
+    `eval.gold` auto: on the embedded data only (a user's data has no judge).
+    """
+    from pipeline.data import datasets_cache, load_data
+    from pipeline.data.corpus import embedded_task
+
+    use = cfg.eval.gold
+    if use == "auto":
+        use = not cfg.data.path
+    if not use:
+        return None
+    path = embedded_task(Path(cfg.paths.cache_dir), "prompts")
+    test = load_data(str(path), cache_dir=datasets_cache(cfg))["test"]
+    return [row["prompt"] for row in test.select(range(min(cfg.eval.num_prompts, len(test))))]

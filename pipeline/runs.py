@@ -10,27 +10,27 @@ Layout of one stage run (Hydra creates the directory, named after the command-li
         metrics.json       the stage's final figures; its presence marks the run as finished
 
 An export run (`stage=export`) holds hf/ (a transformers folder) and metrics.json instead. Every
-stage's init_from also takes a transformers folder (pipeline/export.py maps it to our model).
+stage's init_from also takes a transformers folder (pipeline/model/hf.py maps it to our model).
+Which stage a stage starts from is the registry's business (pipeline/stages/__init__.py); the
+functions here take the candidate stages as arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+import io
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Sequence
 
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig, ScalarGPT
+from pipeline.files import atomic_write_bytes
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.hf import grow_vocab, is_transformers_dir, load_transformers
+from pipeline.tokenizer import load_tokenizer
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
-PREVIOUS_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 TOKENIZER_DIR = "tokenizer"
@@ -53,59 +53,6 @@ def run_name(override_dirname: str) -> str:
     return f"{safe[:60]}-{digest}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes files private; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_dir_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
-    """fill() a temporary folder beside `directory`, then swap it in.
-
-    Readers never see a half-written folder: they see the old one or the new one. os.replace cannot
-    overwrite a non-empty folder, so the old one is moved aside first and deleted after the swap.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; results are meant to be shared
-        fill(tmp)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-            os.replace(directory, old / "previous")
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not directory.exists():
-            os.replace(old / "previous", directory)  # the swap failed: put the old folder back, not lose it
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / METRICS_FILE).is_file() and (Path(run_dir) / MODEL_FILE).is_file()
 
@@ -119,37 +66,22 @@ def newest_finished_run(root: Path, stage: str) -> Path | None:
     return max(finished, key=lambda d: (d / METRICS_FILE).stat().st_mtime, default=None)
 
 
-def resolve_init_from(init_from: str | None, stage: str, root: Path) -> Path:
-    """The model file a stage starts from: init_from if given, else the newest finished previous-stage run."""
-    if init_from:
-        return model_file(Path(init_from))
-    previous = PREVIOUS_STAGE[stage]
-    run = newest_finished_run(root, previous)
-    if run is None:
-        raise UserError(
-            f"stage '{stage}' starts from a finished '{previous}' run, and {Path(root) / previous} holds none: "
-            f"run `python -m pipeline stage={previous}` first, or pass init_from=PATH"
-        )
-    return run / MODEL_FILE
-
-
-def resolve_reward_from(reward_from: str | None, root: Path) -> Path:
-    """The reward model PPO scores with (and starts its critic from): reward_from if given, else the newest finished reward run."""
-    if reward_from:
-        return model_file(Path(reward_from))
-    newest = newest_finished_run(root, "reward")
-    if newest is None:
-        raise UserError(
-            f"stage 'ppo' needs a finished reward run and {Path(root) / 'reward'} holds none: "
-            "run `python -m pipeline stage=reward` first, or pass reward_from=PATH"
-        )
-    return newest / MODEL_FILE
+def resolve_start(given: str | None, sources: Sequence[str], root: Path, stage: str, key: str = "init_from") -> Path:
+    """The model file a stage starts from: `given` if set, else the newest finished run of the first of `sources` that has one."""
+    if given:
+        return model_file(Path(given))
+    for source in sources:
+        run = newest_finished_run(root, source)
+        if run is not None:
+            return run / MODEL_FILE
+    raise UserError(
+        f"no finished {'/'.join(sources)} run under {Path(root)} for stage '{stage}' to start from: "
+        f"run `python -m pipeline stage={sources[0]}` first, or pass {key}=PATH"
+    )
 
 
 def model_file(path: Path) -> Path:
     """Accept a run directory, a model.pt, a Lightning .ckpt or a transformers folder and return what to load."""
-    from pipeline.export import is_transformers_dir
-
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
@@ -167,22 +99,13 @@ def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None
     """Write a finished model (config + weights, float32 for portability) atomically."""
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     payload = {"config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
-    buffer = _to_bytes(payload)
-    atomic_write_bytes(Path(path), buffer)
-
-
-def _to_bytes(obj: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def load_model_payload(path: Path) -> dict:
     """Read a model.pt, the weights inside a Lightning checkpoint of one of our stages, or a transformers folder."""
-    from pipeline.export import is_transformers_dir, load_transformers
-
     path = Path(path)
     if is_transformers_dir(path):
         return load_transformers(path)
@@ -234,16 +157,13 @@ def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def load_start(init_from: str | None, stage: str, root: Path, cls: type[GPT] = GPT, **config_updates):
-    """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest previous run.
+def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage: str, cls: type[GPT] = GPT, **config_updates):
+    """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest run of `sources`.
 
     The tokenizer is the one saved beside the model (run_dir/tokenizer/), or a transformers folder's
     own, so a stage can never pair weights with a different vocabulary.
     """
-    from pipeline.export import grow_vocab
-    from pipeline.tokenizer import load_tokenizer
-
-    path = resolve_init_from(init_from, stage, root)
+    path = resolve_start(init_from, sources, root, stage)
     payload = load_model_payload(path)
     # A transformers folder holds its tokenizer files itself.
     candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]

@@ -93,8 +93,8 @@ def _wrap(backend) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
-    """save_pretrained into a temporary folder beside `directory`, then swap it in (runs.write_dir_atomically)."""
-    from pipeline.runs import write_dir_atomically
+    """save_pretrained into a temporary folder beside `directory`, then swap it in (files.write_dir_atomically)."""
+    from pipeline.files import write_dir_atomically
 
     return write_dir_atomically(Path(directory), lambda tmp: tokenizer.save_pretrained(str(tmp)))
 

@@ -1,16 +1,16 @@
-"""Lightning plumbing shared by the stages: optimiser and schedule, logger, checkpoints, throughput, the Trainer."""
+"""Lightning plumbing shared by the stages: optimiser and schedule, logger, checkpoints, throughput, the Trainer,
+and the language-model LightningModule that pretraining and SFT both train."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
-
-import logging
+from typing import Any, Sequence
 
 import hydra
 import lightning.pytorch as pl
@@ -20,16 +20,27 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 
 from pipeline import runs
+from pipeline.data.samplers import GroupedSampler
 from pipeline.errors import UserError
-from pipeline.model import GPT, Block, decay_param_groups
+from pipeline.files import read_json, write_json
+from pipeline.losses.lm import next_token_loss
+from pipeline.model import GPT, Block, GPTConfig, decay_param_groups, generate, pad_vocab
 from pipeline.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Peak dense bf16 throughput, for MFU; a device not listed gets no MFU figure.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+def model_config_from(cfg_model: DictConfig, vocab_size: int) -> GPTConfig:
+    """The architecture fields of cfg.model (others, such as compile, are not the model's), vocabulary padded to 64."""
+    arch = {k: v for k, v in OmegaConf.to_container(cfg_model, resolve=True).items() if k in GPTConfig.__dataclass_fields__}
+    arch["vocab_size"] = pad_vocab(vocab_size)
+    try:
+        return GPTConfig.from_dict(arch)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def adamw_with_schedule(module: torch.nn.Module, opt: DictConfig, max_steps: int) -> dict:
@@ -59,8 +70,8 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
-    """W&B (one run per stage run, resumed under the same id after a kill) or CSV."""
+def make_logger(cfg: DictConfig, run_dir: Path, parents: Sequence[Path] = ()) -> Logger:
+    """W&B (one run per stage run, resumed under the same id after a kill) or CSV; `parents` become its input artifacts."""
     if cfg.logger.name == "csv":
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     os.environ["WANDB_MODE"] = wandb_mode()
@@ -86,7 +97,7 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     if is_global_zero():
-        for path in parent_models(cfg):
+        for path in parents:
             use_model_artifact(logger, path)
     return logger
 
@@ -94,20 +105,6 @@ def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
 def model_artifact_name(stage: str, run_dir: Path) -> str:
     """The W&B artifact name of a stage run's model.pt (W&B allows letters, digits, '.', '_' and '-')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stage}-model-{Path(run_dir).name}")[:120]
-
-
-def parent_models(cfg: DictConfig) -> list[Path]:
-    """The model files this stage run starts from, resolved the way the stage resolves them.
-
-    PPO has two parents: the SFT policy and the reward model (which also initialises the critic).
-    """
-    if cfg.stage not in runs.PREVIOUS_STAGE:
-        return []
-    root = Path(cfg.paths.root)
-    parents = [runs.resolve_init_from(cfg.init_from, cfg.stage, root)]
-    if cfg.stage == "ppo":
-        parents.append(runs.resolve_reward_from(cfg.get("reward_from"), root))
-    return parents
 
 
 def use_model_artifact(logger: WandbLogger, path: Path) -> None:
@@ -126,7 +123,7 @@ def use_model_artifact(logger: WandbLogger, path: Path) -> None:
     if Path(path).name != runs.MODEL_FILE or not (run_dir / runs.METRICS_FILE).is_file():
         log.info("lineage: %s is not the model.pt of a finished stage run; no input artifact declared", path)
         return
-    metrics = runs.read_json(run_dir / runs.METRICS_FILE)
+    metrics = read_json(run_dir / runs.METRICS_FILE)
     stage = metrics.get("stage") or run_dir.parent.name
     artifact = wandb.Artifact(name=model_artifact_name(stage, run_dir), type="model", metadata=metrics)
     artifact.add_file(str(path), policy="immutable")  # a finished model.pt never changes: no staging copy
@@ -244,61 +241,13 @@ class Throughput(Callback):
         return out
 
 
-def device_peak_flops() -> float | None:
+def device_peak_flops(dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak dense FLOP/s of this GPU at dtype, from Lightning's table (None on a CPU or a GPU it does not know)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    from lightning.fabric.utilities.throughput import get_available_flops
 
-
-class GroupedSampler(torch.utils.data.Sampler):
-    """Shuffled indices in which rows of one group stay together and each batch holds rows of similar length.
-
-    Each epoch: shuffle the groups (rows sharing a `groups` key; each row its own group without
-    keys), cut them into chunks of about `chunk` batches, sort each chunk's groups by their longest
-    row (longest first, stable, so no lengths means no sorting), cut the chunks into batches and
-    shuffle the order of the batches. Rows meet in random company and order, as with plain
-    shuffling, but a batch's rows share a width, and a prompt's pairs share a batch (a group longer
-    than a batch, or one that straddles a chunk's batch edge, is split). Under DDP Lightning deals
-    the indices out in turn, so each rank's batch comes from a few adjacent ones.
-    """
-
-    def __init__(self, batch_size: int, lengths: list[int] | None = None, groups: list | None = None, seed: int = 0, chunk: int = 32):
-        if lengths is None and groups is None:
-            raise ValueError("GroupedSampler needs row lengths, group keys or both")
-        n = len(lengths if lengths is not None else groups)
-        members: dict = {}
-        for i, key in enumerate(groups if groups is not None else range(n)):
-            members.setdefault(key, []).append(i)
-        self.units = list(members.values())
-        self.widths = [max(lengths[i] for i in unit) for unit in self.units] if lengths is not None else [0] * len(self.units)
-        self.n, self.batch_size, self.seed, self.chunk, self.epoch = n, batch_size, seed, chunk, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1  # a fresh order each pass even where nobody calls set_epoch
-        order = torch.randperm(len(self.units), generator=g).tolist()
-        rows_per_chunk = self.batch_size * self.chunk
-        batches, chunk, size = [], [], 0
-        for u in order + [None]:
-            if u is not None:
-                chunk.append(u)
-                size += len(self.units[u])
-            if chunk and (u is None or size >= rows_per_chunk):
-                rows = [i for v in sorted(chunk, key=self.widths.__getitem__, reverse=True) for i in self.units[v]]
-                batches += [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-                chunk, size = [], 0
-        full = [b for b in batches if len(b) == self.batch_size]
-        rest = [i for b in batches if len(b) < self.batch_size for i in b]
-        for i in torch.randperm(len(full), generator=g).tolist():
-            yield from full[i]
-        yield from rest  # short batches last, dropped by drop_last
+    return get_available_flops(torch.device("cuda"), dtype)
 
 
 class Batches(pl.LightningDataModule):
@@ -325,11 +274,6 @@ class Batches(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
 
-def datasets_cache(cfg: DictConfig) -> str:
-    """Where `datasets` keeps its Arrow files and map caches: under the outputs cache, not the home folder."""
-    return str(Path(cfg.paths.cache_dir) / "datasets")
-
-
 def is_global_zero() -> bool:
     """Rank 0 before a Trainer exists (DDP child processes carry their rank in the environment)."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -350,9 +294,13 @@ def build_trainer(
     monitor: str,
     mode: str,
     callbacks: list[Callback] = (),
+    parents: Sequence[Path] = (),
     **overrides: Any,
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """The Trainer from cfg.trainer, with our logger, last + best checkpoints and the progress bar."""
+    """The Trainer from cfg.trainer, with our logger, last + best checkpoints and the progress bar.
+
+    `parents` are the model files the stage started from: the W&B run declares them as its inputs.
+    """
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -364,7 +312,7 @@ def build_trainer(
         enable_version_counter=False,
     )
     all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
-    logger = make_logger(cfg, run_dir)
+    logger = make_logger(cfg, run_dir, parents)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
     # The user's logger first: trainer.logger (samples tables, the model artifact) is that one.
@@ -436,9 +384,82 @@ def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trai
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
     log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metrics)
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    write_json(run_dir / runs.METRICS_FILE, metrics)
     if logger is not None:
         logger.finalize("success")
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
             logger.experiment.finish()
     log.info("%s finished: %s", stage, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+
+
+def load_best(module: pl.LightningModule, checkpoint: ModelCheckpoint) -> None:
+    """Load the best checkpoint's weights (by the monitored figure) into module: the final figures and model.pt are of those."""
+    best = checkpoint.best_model_path
+    if best and Path(best).is_file():
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+
+
+class LanguageModelModule(pl.LightningModule):
+    """A GPT trained on next-token prediction; validation reports loss, perplexity and samples.
+
+    Pretraining batches carry `input_ids` alone (every token is a target); SFT batches carry `labels`
+    too, IGNORE on the tokens that carry no loss (the prompt, padding).
+    """
+
+    def __init__(self, model_config: dict, optim: dict, max_steps: int, compile: bool = False, model_kind: str = "lm", stage: str = "pretrain"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig.from_dict(model_config))
+        self.val_loss = MeanMetric()
+        self.best_val_loss = math.inf
+        self.tokenizer = None  # set by the stage for sample generations; not part of the checkpoint
+        self.sample_prompts: list[list[int]] = []
+        self.max_new_tokens = 48
+
+    def configure_model(self) -> None:
+        # In-place compile keeps parameter names, so checkpoints load with or without it.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]  # (B, T+1)
+        targets = batch.get("labels", ids)
+        logits = self.model(ids[:, :-1])  # (B, T, V)
+        return next_token_loss(logits, targets[:, 1:])
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.val_loss.update(self.loss(batch))
+
+    def on_validation_epoch_end(self):
+        loss = self.val_loss.compute().item()
+        self.val_loss.reset()
+        if not self.trainer.sanity_checking:
+            self.best_val_loss = min(self.best_val_loss, loss)
+        self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50)), "val/loss_best": self.best_val_loss}, sync_dist=False, prog_bar=True)
+        if self.trainer.is_global_zero and self.sample_prompts and self.tokenizer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.log_samples()
+
+    def log_samples(self) -> None:
+        rows = []
+        tok = self.tokenizer
+        for prompt in self.sample_prompts:
+            ids = torch.tensor([prompt], device=self.device)
+            out = generate(self.model, ids, max_new_tokens=self.max_new_tokens, temperature=0.0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+            rows.append([self.global_step, tok.decode(prompt, skip_special_tokens=True), tok.decode(out.tokens[0], skip_special_tokens=True)])
+        log_table(self.logger, f"samples/{self.hparams.stage}", ["step", "prompt", "completion"], rows)
+        log.info("sample at step %d: %r -> %r", self.global_step, rows[0][1], rows[0][2])
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["best_val_loss"] = self.best_val_loss
+
+    def on_load_checkpoint(self, checkpoint):
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)

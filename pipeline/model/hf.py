@@ -1,8 +1,4 @@
-"""Our GPT <-> Hugging Face `transformers` models, both ways, and the export stage.
-
-    python -m pipeline stage=export                          # the newest finished ppo, else sft, else pretrain run
-    python -m pipeline stage=export init_from=outputs/sft/default export.out_dir=my_model
-    python -m pipeline stage=sft init_from=path/to/hf_folder # any stage starts from a transformers folder
+"""Our GPT <-> Hugging Face `transformers` models, both ways (the export stage is stages/export.py).
 
 The backbone maps onto an existing architecture, so the exported folder loads with plain
 `AutoModelForCausalLM.from_pretrained` (no custom code):
@@ -11,23 +7,18 @@ The backbone maps onto an existing architecture, so the exported folder loads wi
     pos_emb=rope,    norm=rmsnorm,   mlp=swiglu ->  LlamaForCausalLM
 
 The mapping between the two state dicts lives here only; `runs.load_model_payload` calls
-`load_transformers` for a transformers folder.
+`load_transformers` for a transformers folder, so every stage's init_from takes one.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from pipeline import runs
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig, pad_vocab
-
-log = logging.getLogger(__name__)
+from pipeline.files import write_dir_atomically
+from pipeline.model.gpt import GPT, GPTConfig, pad_vocab
 
 # The architecture fields that decide which transformers model matches ours.
 ARCHITECTURES = {
@@ -37,7 +28,6 @@ ARCHITECTURES = {
 HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 # GPT-2's GELU in transformers' names: both are the tanh approximation that our MLP uses.
 GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
-EXPORT_PREFERENCE = ("ppo", "sft", "pretrain")  # the default source: the furthest-trained finished run
 
 
 def architecture_of(config: GPTConfig) -> str:
@@ -362,40 +352,5 @@ def export(model: GPT, tokenizer, out_dir: Path, dtype: str = "float32") -> dict
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    runs.write_dir_atomically(Path(out_dir), fill)
+    write_dir_atomically(Path(out_dir), fill)
     return {"architecture": HF_CLASS[architecture_of(model.config)], "check/max_abs_logit_diff": diff, "dtype": dtype}
-
-
-def source_run(cfg: DictConfig) -> Path:
-    """The model file to export: init_from, else the newest finished ppo run, else sft, else pretrain."""
-    if cfg.init_from:
-        return runs.model_file(Path(cfg.init_from))
-    root = Path(cfg.paths.root)
-    for stage in EXPORT_PREFERENCE:
-        run = runs.newest_finished_run(root, stage)
-        if run is not None:
-            return run / runs.MODEL_FILE
-    raise UserError(f"stage 'export' exports a finished run and {root} holds no finished {'/'.join(EXPORT_PREFERENCE)} run: train one first, or pass init_from=PATH")
-
-
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    started = time.time()
-    source = source_run(cfg)
-    model, tokenizer, payload, path = runs.load_start(str(source), "export", Path(cfg.paths.root))
-    out_dir = Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir / "hf"
-    if payload.get("kind") == "scalar":
-        # Our score head has a bias; transformers' *ForSequenceClassification heads have none, so only the backbone goes.
-        log.warning("%s is a scalar (reward/value) model: exporting its backbone as a causal LM, without the score head", path)
-    figures = export(model, tokenizer, out_dir, dtype=str(cfg.export.dtype))
-    metrics = {
-        "stage": "export",
-        "source": str(path),
-        "source_stage": payload.get("stage"),
-        "out_dir": str(out_dir),
-        "model/params": model.num_params(),
-        "time/total_s": time.time() - started,
-        **figures,
-    }
-    log.info("exported %s to %s as %s (max logit difference %.2g)", path, out_dir, figures["architecture"], figures["check/max_abs_logit_diff"])
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    return metrics

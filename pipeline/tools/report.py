@@ -1,7 +1,7 @@
 """The pipeline's report: one Markdown page with every stage's figures, curves and answers side by side.
 
-    python -m pipeline.report outputs/all/default     # a pipeline run directory
-    python -m pipeline.report outputs                  # the newest pipeline run under an outputs root
+    python -m pipeline.tools.report outputs/all/default     # a pipeline run directory
+    python -m pipeline.tools.report outputs                  # the newest pipeline run under an outputs root
 
 `python -m pipeline` writes it at the end of the run, into its own run directory (<root>/all/<name>/):
 report.md, loss.png, ppo.png and overoptimisation.png. Everything is read from the stage runs'
@@ -15,25 +15,20 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from pipeline import runs
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_bytes, read_json
+from pipeline.stages import RECIPE_RUNNER, STAGES, training_stages
 from pipeline.training import HISTORY_FILE, history_series, read_history
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
-PIPELINE_DIR = "all"  # `python -m pipeline` is stage=all: its own run directory is <root>/all/<name>
-ANSWER_STAGES = ("pretrain", "sft", "ppo")  # the policies; the reward model does not answer
-# What each stage's loss panel draws, from its history.jsonl (keys that a run did not log are skipped).
-CURVES = {
-    "pretrain": ("train/loss", "val/loss"),
-    "sft": ("train/loss", "val/loss"),
-    "reward": ("train/loss", "val/loss"),
-    "ppo": ("loss/policy_avg", "loss/value_avg"),
-}
+PIPELINE_DIR = RECIPE_RUNNER  # `python -m pipeline` is stage=all: its own run directory is <root>/all/<name>
 
 
 def locate(path: Path) -> tuple[Path, str]:
@@ -43,20 +38,32 @@ def locate(path: Path) -> tuple[Path, str]:
         raise UserError(f"{path}: no such directory (give a pipeline run directory such as outputs/all/default, or an outputs root)")
     if path.parent.name == PIPELINE_DIR:
         return path.parent.parent, path.name
-    candidates = [d for d in (path / PIPELINE_DIR).glob("*") if d.is_dir() and any((path / s / d.name).is_dir() for s in runs.STAGES)]
+    candidates = [d for d in (path / PIPELINE_DIR).glob("*") if d.is_dir() and any((path / s.name / d.name).is_dir() for s in training_stages())]
     if not candidates:
         raise UserError(f"{path} holds no pipeline run: expected {path / PIPELINE_DIR}/<name>/ beside {path}/<stage>/<name>/ (made by `python -m pipeline`)")
     newest = max(candidates, key=lambda d: d.stat().st_mtime)
     return path, newest.name
 
 
+def recipe_stages(root: Path, name: str) -> list[str]:
+    """The stages of the pipeline run: its recipe's (from its saved config), else every training stage."""
+    saved = root / PIPELINE_DIR / name / ".hydra" / "config.yaml"
+    if saved.is_file():
+        from omegaconf import OmegaConf
+
+        stages = OmegaConf.select(OmegaConf.load(saved), "recipe.stages")
+        if stages:
+            return [s for s in stages if s in STAGES]
+    return [s.name for s in training_stages()]
+
+
 def stage_metrics(root: Path, name: str) -> dict[str, dict]:
-    """Each finished stage's metrics.json (a stage that has not finished is absent)."""
+    """Each finished stage's metrics.json, in the recipe's order (a stage that has not finished is absent)."""
     out = {}
-    for stage in runs.STAGES:
+    for stage in recipe_stages(root, name):
         file = root / stage / name / runs.METRICS_FILE
         if file.is_file():
-            out[stage] = runs.read_json(file)
+            out[stage] = read_json(file)
     return out
 
 
@@ -72,31 +79,40 @@ def arrow(metrics: dict, start: str, final: str) -> str:
     return f"{fmt(metrics.get(start))} -> {fmt(metrics.get(final))}"
 
 
+_FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]+))?\}")
+
+
 def headline(stage: str, m: dict) -> str:
-    """The figures that say how a stage did, in words; keys a run lacks show as '-'."""
-    if stage == "pretrain":
-        return f"val loss {fmt(m.get('val/loss'))} (perplexity {fmt(m.get('val/ppl'), 1)}; unigram baseline {fmt(m.get('baseline/unigram_xent'))})"
-    if stage == "sft":
-        return f"gold score {arrow(m, 'gold/start', 'gold/final')}; val loss {fmt(m.get('val/loss'))}"
-    if stage == "reward":
-        split = "test" if "test/accuracy" in m else "validation"
-        return f"{split} accuracy {fmt(m.get(f'{split}/accuracy'))}, against the gold judge {fmt(m.get(f'{split}/accuracy_gold'))}"
-    if stage == "ppo":
-        return f"gold score {arrow(m, 'gold/start', 'gold/final')}; RM score {arrow(m, 'start/rm_score', 'final/rm_score')}; KL {fmt(m.get('final/kl'))}"
-    return ""
+    """The figures that say how a stage did, in words, from the registry's template; keys a run lacks show as '-'.
+
+    {key} is a figure of m, {a|b} the first of the keys m has; {key:N} shows N digits and {a|b:split}
+    the split the first present key belongs to (the part before '/').
+    """
+
+    def field(match: re.Match) -> str:
+        keys, option = match.group(1).split("|"), match.group(2)
+        key = next((k for k in keys if k in m), keys[0])
+        if option == "split":
+            return key.split("/", 1)[0]
+        return fmt(m.get(key), int(option) if option else 3)
+
+    return _FIELD.sub(field, STAGES[stage].headline) if stage in STAGES else ""
 
 
-def figures_table(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+def figures_table(metrics: dict[str, dict], stages: list[str]) -> tuple[list[str], list[list[str]]]:
     columns = ["stage", "result", "steps", "time (s)", "tokens/s"]
     rows = []
-    for stage in runs.STAGES:
-        m = metrics.get(stage)
+    for stage in stages:
+        m, spec = metrics.get(stage), STAGES[stage]
         if m is None:
             rows.append([stage, "not finished", "-", "-", "-"])
             continue
-        steps = fmt(m.get("train/steps")) if stage != "ppo" else f"{fmt(m.get('train/iterations'))} iterations"
-        # PPO's throughput is that of its rollouts (generated tokens); the others train on every token.
-        speed = fmt(m.get("perf/tokens_per_s"), 0) if stage != "ppo" else f"{fmt(m.get('perf/gen_tokens_per_s'), 0)} (generation)"
+        steps = fmt(m.get(spec.steps))
+        if spec.steps != "train/steps":  # PPO counts iterations
+            steps += " " + spec.steps.split("/", 1)[1]
+        speed = fmt(m.get(spec.speed), 0)
+        if spec.speed != "perf/tokens_per_s":  # PPO's throughput is that of its rollouts (generated tokens)
+            speed += " (generation)"
         rows.append([stage, headline(stage, m), steps, fmt(m.get("time/total_s"), 1), speed])
     return columns, rows
 
@@ -118,7 +134,8 @@ def plot_losses(root: Path, name: str, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     panels = []
-    for stage, keys in CURVES.items():
+    for stage in recipe_stages(root, name):
+        keys = STAGES[stage].curves
         rows = read_history(root / stage / name / HISTORY_FILE)
         lines = [(key, *history_series(rows, key)) for key in keys]
         lines = [line for line in lines if line[1]]
@@ -147,11 +164,11 @@ def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    runs.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_overopt: Path) -> list[Path]:
-    """PPO's reward, gold score and KL over iterations, and the over-optimisation curve (reward vs KL).
+def plot_online_rl(root: Path, name: str, stage: str, metrics: dict | None, out_curves: Path, out_overopt: Path) -> list[Path]:
+    """An online RL stage's reward, gold score and KL over iterations, and the over-optimisation curve (reward vs KL).
 
     The held-out evaluations (greedy answers every ppo.eval_every iterations) come from metrics.json's
     history; the rollout figures per step (objective/scores, objective/kl) from history.jsonl.
@@ -161,11 +178,11 @@ def plot_ppo(root: Path, name: str, ppo: dict | None, out_curves: Path, out_over
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evals = (ppo or {}).get("history") or []
+    evals = (metrics or {}).get("history") or []
     if not evals:
         return []
     its = [p["iteration"] for p in evals]
-    rows = read_history(root / "ppo" / name / HISTORY_FILE)
+    rows = read_history(root / stage / name / HISTORY_FILE)
     written = []
 
     def panel(ax, title: str, held_out: list[tuple[str, str]], rollout_key: str, rollout_label: str) -> None:
@@ -211,17 +228,20 @@ def side_by_side(root: Path, name: str, n_prompts: int, max_new_tokens: int) -> 
     """The same held-out prompts answered greedily by each finished policy, with gold scores."""
     import torch
 
-    from pipeline.evaluate import complete, prompt_text
-    from pipeline.task import gold_score, prompt_rows
+    from pipeline.data.chat import prompt_text
+    from pipeline.evaluate import complete
+    from pipeline.tasks import default_task
 
-    prompts = [row["prompt"] for row in prompt_rows("test", n_prompts)]
+    task = default_task()
+    gold_score = task.gold_score
+    prompts = [row["prompt"] for row in task.prompt_rows("test", n_prompts)]
     texts = [prompt_text(p) for p in prompts]
     answers: dict[str, list[str]] = {}
-    for stage in ANSWER_STAGES:
+    for stage in (s for s in recipe_stages(root, name) if STAGES[s].policy):
         run_dir = root / stage / name
         if not runs.is_finished(run_dir):
             continue
-        model, tokenizer, _, _ = runs.load_start(str(run_dir), stage, root)
+        model, tokenizer, _, _ = runs.load_start(str(run_dir), (), root, "report")
         if torch.cuda.is_available():
             model.cuda()
         answers[stage] = complete(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens)
@@ -242,19 +262,20 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
     metrics = stage_metrics(root, name)
     if not metrics:
         raise UserError(f"no finished stage run named {name} under {root}: nothing to report")
-    columns, rows = figures_table(metrics)
+    columns, rows = figures_table(metrics, recipe_stages(root, name))
     plots = []
     if loss := plot_losses(root, name, out_dir / "loss.png"):
         plots.append(("Loss per stage", loss))
-    ppo_plots = plot_ppo(root, name, metrics.get("ppo"), out_dir / "ppo.png", out_dir / "overoptimisation.png")
-    titles = ("PPO: reward and KL over iterations", "Reward over-optimisation: gold and proxy reward against KL")
-    plots += list(zip(titles, ppo_plots))
+    for i, (stage, m) in enumerate((s, m) for s, m in metrics.items() if m.get("history")):  # the online RL stages
+        overopt = out_dir / ("overoptimisation.png" if i == 0 else f"overoptimisation_{stage}.png")
+        titles = (f"{stage.upper()}: reward and KL over iterations", f"{stage.upper()}: reward over-optimisation, gold and proxy reward against KL")
+        plots += list(zip(titles, plot_online_rl(root, name, stage, m, out_dir / f"{stage}.png", overopt)))
     answer_columns, answer_rows, means = side_by_side(root, name, n_prompts, max_new_tokens)
 
     parts = [
         f"# Pipeline report: {name}",
         "",
-        "Stage runs: " + ", ".join(f"`{root / stage / name}`" for stage in runs.STAGES if stage in metrics) + ".",
+        "Stage runs: " + ", ".join(f"`{root / stage / name}`" for stage in metrics) + ".",
         "",
         "## Figures",
         "",
@@ -276,7 +297,7 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
             "",
         ]
     report = out_dir / REPORT_FILE
-    runs.atomic_write_bytes(report, "\n".join(parts).encode())
+    atomic_write_bytes(report, "\n".join(parts).encode())
     log.info("report written to %s", report)
     if wandb_project:
         log_to_wandb(wandb_project, wandb_entity, wandb_group or f"pipeline-{name}", name, columns, rows, answer_columns, answer_rows, plots, out_dir)
@@ -300,7 +321,7 @@ def log_to_wandb(project: str, entity: str | None, group: str, name: str, column
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description="Write report.md for a pipeline run.")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.report", description="Write report.md for a pipeline run.")
     parser.add_argument("path", help="a pipeline run directory (outputs/all/<name>) or an outputs root (its newest pipeline run)")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts answered side by side")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -1,7 +1,8 @@
-"""Data through HF `datasets`, in TRL's standard dataset formats, and the embedded default data.
+"""Loading data through HF `datasets`, detecting TRL's dataset formats, and naming every bad row.
 
 One loader for everything: a user's file or folder (`data.path=`), a saved dataset, a hub name, and
-the embedded defaults, which are written to JSON-lines files first and then read by that same loader.
+the embedded defaults (data/corpus.py), which are written to JSON-lines files first and then read by
+that same loader.
 
 TRL's formats (each standard = strings, or conversational = lists of {role, content} messages):
     language modeling    text            | messages
@@ -12,18 +13,12 @@ TRL's formats (each standard = strings, or conversational = lists of {role, cont
 
 from __future__ import annotations
 
-import ast
 import csv
-import hashlib
-import json
 import os
 import re
-import sysconfig
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from pipeline.errors import UserError
 
@@ -32,7 +27,6 @@ if TYPE_CHECKING:  # datasets is imported where it is used: importing it takes m
     import pyarrow as pa
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TASK_VERSION = "v6"  # bump when the embedded task generator changes, so cached files are rebuilt
 # File-name prefixes that name a split (train.jsonl, val.parquet, test-00001-of-00002.parquet, ...).
 SPLIT_NAMES = {
     "train": "train",
@@ -61,8 +55,6 @@ FORMAT_COLUMNS = {
 # Columns that hold an answer: in conversational data each needs an assistant message with content.
 ANSWER_COLUMNS = ("completion", "chosen", "rejected")
 VALIDATE_BATCH_ROWS = 20_000
-PACK_BATCH_ROWS = 1_000  # each map batch drops its last partial block; 1000 documents make that loss negligible
-PACK_VERSION = "1"  # part of the packed data's cache fingerprint: bump when tokenize_and_pack's output changes
 
 
 @dataclass(frozen=True)
@@ -110,122 +102,6 @@ def _reason(error: BaseException) -> str:
 def _short(value, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded pretraining corpus: English text that ships with Python.
-
-CORPUS_MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries
-VALIDATION_PERCENT = 5
-# Test suites and demos are code-heavy prose; site-packages is not the standard library.
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__", "ensurepip"}
-_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def _stdlib_files() -> list[Path]:
-    """The standard library's .py files, walked in a fixed order with the skipped folders pruned (not visited)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[Path] = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
-        files += [Path(folder, n) for n in sorted(names) if n.endswith(".py")]
-    return files
-
-
-def _docstrings(node: ast.AST, qualname: str) -> Iterator[tuple[str, str]]:
-    """(qualified name, docstring) of a module, class or function and of every one defined inside it.
-
-    Only statement bodies are walked (definitions cannot hide in expressions), which keeps this fast;
-    definitions nested in if/try/with blocks count and take the name of their enclosing scope.
-    """
-    if isinstance(node, _DOCUMENTED):
-        doc = ast.get_docstring(node, clean=True)
-        if doc:
-            yield qualname, doc
-    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-        for child in getattr(node, field, None) or ():
-            if isinstance(child, _DOCUMENTED):
-                yield from _docstrings(child, f"{qualname}.{child.name}")
-            elif isinstance(child, ast.AST):
-                yield from _docstrings(child, qualname)
-
-
-def _corpus_documents() -> list[tuple[str, str]]:
-    """(document id, text): pydoc's topics, then docstrings of stdlib modules, classes and functions."""
-    from pydoc_data.topics import topics
-
-    documents = [(f"topic:{name}", text.strip()) for name, text in sorted(topics.items())]
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files():
-        parts = path.relative_to(root).with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # old escape sequences in stdlib sources raise SyntaxWarning on 3.12+
-                tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue  # a template or a file for another Python version
-        documents += [(f"doc:{name}", text) for name, text in _docstrings(tree, module)]
-    return [(doc_id, text) for doc_id, text in documents if len(text) >= CORPUS_MIN_CHARS]
-
-
-def embedded_corpus_rows(seed: int = 0) -> dict[str, list[dict]]:
-    """Python's reference documentation (pydoc topics) and stdlib docstrings as {"text"} rows, split by document.
-
-    A document goes to validation when a hash of its id (and seed) says so (~5%), so the split is the
-    same on every machine and no document is in both. Text that appears twice (re-exported or
-    copied docstrings) is one document.
-    """
-    splits: dict[str, list[dict]] = {"train": [], "validation": []}
-    seen: set[str] = set()
-    for doc_id, text in _corpus_documents():
-        if text in seen:
-            continue
-        seen.add(text)
-        bucket = int.from_bytes(hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()[:8], "big") % 100
-        splits["validation" if bucket < VALIDATION_PERCENT else "train"].append({"text": text})
-    return splits
-
-
-def _write_atomically(target: Path, content: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def materialize(rows_by_split: dict[str, list[dict]], directory: str | Path) -> Path:
-    """Write <split>.jsonl per split (each atomically) unless they are all there already; return the folder.
-
-    A hidden stamp records a hash of the rows, so files left by an older version of the rows'
-    generator are rewritten rather than silently reused.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    texts = {split: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) for split, rows in sorted(rows_by_split.items())}
-    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
-    stamp = directory / ".rows.sha256"
-    targets = {split: directory / f"{split}.jsonl" for split in texts}
-    if all(t.is_file() for t in targets.values()) and stamp.is_file() and stamp.read_text().strip() == digest:
-        return directory
-    for split, text in texts.items():
-        _write_atomically(targets[split], text)
-    _write_atomically(stamp, digest + "\n")
-    return directory
-
-
-def embedded_task(cache_dir: Path, kind: str) -> Path:
-    """The embedded instruction task's files of one kind (sft, preference, prompts), written on first use."""
-    from pipeline import task
-
-    directory = Path(cache_dir) / f"embedded/task-{TASK_VERSION}/{kind}"
-    if all((directory / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
-        return directory
-    return materialize(task.default_rows()[kind], directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,63 +472,25 @@ def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> No
                     raise UserError(f"{source}, row {start + i}, column '{column}'{joint}{problem}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenisation for pretraining
+def datasets_cache(cfg) -> str:
+    """Where `datasets` keeps its Arrow files and map caches: under the outputs cache, not the home folder."""
+    return str(Path(cfg.paths.cache_dir) / "datasets")
 
 
-def _pack_fingerprint(ds, tokenizer, width: int) -> str:
-    """Cache key of the packed data: the input data's fingerprint, the tokenizer's exact content, the block width.
+def load_stage_data(cfg, stage: str, kinds: Iterable[str], default: str | os.PathLike):
+    """A stage's data: `data.path` (else `default`), its columns renamed by `data.columns`, split, in one of `kinds`.
 
-    Explicit, because datasets' own hash of the map function pickles the tokenizer object, whose
-    pickle also carries incidental state (the folder it was loaded from, padding settings).
+    Returns (DatasetDict with train / validation (/ test), its DataFormat, the source's name for messages).
     """
-    material = json.dumps([PACK_VERSION, ds._fingerprint, width, tokenizer.bos_token_id, tokenizer.eos_token_id])
-    digest = hashlib.sha256(material.encode())
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    return digest.hexdigest()[:32]
+    from omegaconf import OmegaConf
+
+    source = str(cfg.data.path) if cfg.data.path else str(default)
+    columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
+    ds = load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
+    return ds, require_format(ds["train"], kinds, stage, source), source
 
 
-def tokenize_and_pack(ds: datasets.Dataset, tokenizer, block_size: int, num_proc: int = 1) -> datasets.Dataset:
-    """Documents as BOS + ids + EOS, concatenated and cut into `input_ids` rows of block_size + 1 tokens.
-
-    The +1 gives each row its inputs [:-1] and shifted targets [1:]. The tail that does not fill a
-    block is dropped. For file-backed data, datasets keeps the result next to the data's Arrow files,
-    so a second run with the same data and tokenizer reads it instead of tokenizing again.
-    """
-    import numpy as np
-
-    if block_size < 1:
-        raise UserError(f"block_size={block_size} must be at least 1")
-    if "text" not in ds.column_names:
-        raise UserError(f"packing for pretraining needs a 'text' column; the data has columns {_column_list(ds.column_names)}")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise UserError("the tokenizer has no BOS or EOS token; load it with pipeline.tokenizer.load_tokenizer, which adds them")
-    width = block_size + 1
-
-    def pack(batch):
-        flat: list[int] = []
-        for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-            flat.append(bos)
-            flat.extend(ids)
-            flat.append(eos)
-        usable = len(flat) // width * width
-        return {"input_ids": np.asarray(flat[:usable], dtype=np.int32).reshape(-1, width)}
-
-    packed = ds.map(
-        pack,
-        batched=True,
-        batch_size=PACK_BATCH_ROWS,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=ds.column_names,
-        new_fingerprint=_pack_fingerprint(ds, tokenizer, width),
-        desc="tokenizing and packing",
-    )
-    if len(packed) == 0:
-        total = sum(len(ids) + 2 for ids in tokenizer(list(ds["text"]), add_special_tokens=False)["input_ids"])
-        split = f" ({ds.split} split)" if getattr(ds, "split", None) else ""
-        raise UserError(
-            f"the data{split} holds {total} tokens (with BOS and EOS per document), fewer than one block of "
-            f"{width} tokens (block_size={block_size} + 1); use more text or a smaller block size"
-        )
-    return packed
+def validate_splits(ds, fmt: DataFormat, source: str) -> None:
+    """validate_rows on every split, each named in the message."""
+    for split in ds:
+        validate_rows(ds[split], fmt, f"{source} [{split}]")

@@ -1,8 +1,8 @@
 """Throughput of the configured model on this device, ours vs peers measured side by side in one run.
 
-    python -m pipeline.bench                                   # the tiny default on CPU
-    python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 trainer.precision=bf16-mixed bench.batch_size=16
-    python -m pipeline.bench model=gpt2 tokenizer.vocab_size=50257 model.compile=true trainer.precision=bf16-mixed
+    python -m pipeline.tools.bench                                   # the tiny default on CPU
+    python -m pipeline.tools.bench model=gpt2 tokenizer.vocab_size=50257 trainer.precision=bf16-mixed bench.batch_size=16
+    python -m pipeline.tools.bench model=gpt2 tokenizer.vocab_size=50257 model.compile=true trainer.precision=bf16-mixed
 
 Rows (each with tokens/s of both sides and the ratio ours / peer):
 - pretraining: our Lightning stage vs a plain PyTorch loop over our GPT, and vs a plain loop over the
@@ -43,12 +43,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from pipeline.export import to_transformers
 from pipeline.model import GPT, generate
-from pipeline.pretrain import PretrainModule, model_config_from
-from pipeline.training import Batches, adamw_with_schedule, device_peak_flops
+from pipeline.model.hf import to_transformers
+from pipeline.training import Batches, LanguageModelModule, adamw_with_schedule, device_peak_flops, model_config_from
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1, "rl": 1}
 
 
@@ -141,7 +140,7 @@ def plain_loop(cfg, model: torch.nn.Module, blocks, batch_size: int, steps: int,
     model = model.to(device).train()
     if cfg.model.get("compile"):
         model.compile()
-    optim = adamw_with_schedule(model, cfg.model, cfg.trainer.max_steps)["optimizer"]
+    optim = adamw_with_schedule(model, cfg.optim, cfg.trainer.max_steps)["optimizer"]
     data = torch.stack([b["input_ids"] for b in blocks]).to(device)
     timer = StepTimes(warmup, device)
     for step in range(warmup + steps):
@@ -226,7 +225,7 @@ def bench_trainer(cfg, max_steps: int, timer: StepTimes, clip: bool = True) -> p
 def lightning_stage(cfg, model_config, blocks, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
     """Tokens/s of our pretraining LightningModule under a real Trainer, and its training FLOPs per token."""
     pl.seed_everything(0, verbose=False)
-    module = PretrainModule(model_config.to_dict(), OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
+    module = LanguageModelModule(model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, compile=bool(cfg.model.get("compile")))
     seq_len = blocks[0]["input_ids"].numel() - 1
     timer = StepTimes(warmup, device_of(cfg))
     bench_trainer(cfg, warmup + steps, timer).fit(module, datamodule=Batches(blocks, blocks[:batch_size], batch_size))
@@ -237,8 +236,8 @@ def hf_training_args(cfg, output_dir: str, batch_size: int, max_steps: int, devi
     """Keyword arguments every TRL trainer config here shares: our optimiser, clipping and precision, no checkpoints, no logs."""
     precision = str(cfg.trainer.precision)
     return dict(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.model.lr),
-        weight_decay=float(cfg.model.weight_decay), adam_beta1=float(cfg.model.betas[0]), adam_beta2=float(cfg.model.betas[1]),
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=float(cfg.optim.lr),
+        weight_decay=float(cfg.optim.weight_decay), adam_beta1=float(cfg.optim.betas[0]), adam_beta2=float(cfg.optim.betas[1]),
         max_grad_norm=float(cfg.trainer.gradient_clip_val),
         # TRL's configs turn gradient checkpointing (and bf16) on by default; ours recomputes nothing and follows trainer.precision.
         gradient_checkpointing=False, bf16=precision.startswith("bf16"), fp16=precision.startswith("16"), use_cpu=device.type == "cpu",
@@ -252,7 +251,7 @@ def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
     seq_len, not seq_len + 1: transformers' models take the whole row (and shift the labels inside),
     and a GPT-2 has no position beyond block_size.
     """
-    from pipeline.sft import IGNORE
+    from pipeline.losses.lm import IGNORE
 
     prompt = max(1, seq_len // 4)
     rows = []
@@ -280,15 +279,15 @@ def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tu
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.sft import PadCollator, SFTModule
+    from pipeline.data.collators import PadCollator
 
     seq_len = cfg.data.seq_len
     rows = sft_rows(batch_size * 8, seq_len, model_config.vocab_size)
     device = device_of(cfg)
-    optim = OmegaConf.to_container(cfg.model, resolve=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
 
     pl.seed_everything(0, verbose=False)
-    module = SFTModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
+    module = LanguageModelModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
     ours_timer = StepTimes(warmup, device)
     ours_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
     bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=PadCollator(0)))
@@ -342,12 +341,13 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int, an
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.reward import PairCollator, RewardModule
+    from pipeline.data.collators import PairCollator
+    from pipeline.stages.reward import RewardModule
 
     seq_len = cfg.data.seq_len
     pairs = reward_pairs(batch_size * 8, seq_len, model_config.vocab_size, answers)
     device = device_of(cfg)
-    optim = OmegaConf.to_container(cfg.model, resolve=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
 
     pl.seed_everything(0, verbose=False)
     module = RewardModule(model_config.to_dict(), optim, cfg.trainer.max_steps)
@@ -389,7 +389,7 @@ def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tup
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    from pipeline.ppo import Iterations, PPOModule
+    from pipeline.stages.ppo import Iterations, PPOModule
 
     device = device_of(cfg)
     vocab, prompt_len, new_tokens = model_config.vocab_size, int(cfg.bench.gen_prompt), int(cfg.bench.gen_tokens)
@@ -398,7 +398,7 @@ def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tup
 
     ppo = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "stage" / "ppo.yaml")["ppo"])
     ppo.update(iterations=warmup + steps, rollout_batch_size=batch_size, minibatch_size=batch_size, ppo_epochs=1, max_new_tokens=new_tokens, save_every=10**9, eval_every=10**9, missing_eos_penalty=0.0, kl_coef=0.05, adaptive_kl=False)
-    optim = OmegaConf.to_container(cfg.model, resolve=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
     pl.seed_everything(0, verbose=False)
     module = PPOModule(model_config.to_dict(), model_config.to_dict(), ppo, optim, reward_norm={}, eos_id=1, pad_id=0, seed=0)
     module.reference.load_state_dict(module.actor.state_dict())

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+VERSION = "v6"  # bump when the generator changes, so the cached data files (data/corpus.py) are rebuilt
 SPLITS = ("train", "validation", "test")
 DEMO_HABIT = 0.8  # chance that a demonstrator closes an answer to a habit phrasing with DEMO_HABIT_PHRASE
 DEMO_HABIT_PHRASE = " That is all."

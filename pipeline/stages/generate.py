@@ -22,31 +22,22 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import runs
+from pipeline.data.chat import prompt_ids, prompt_text
+from pipeline.data.loading import _messages_problem
 from pipeline.errors import UserError
-from pipeline.evaluate import complete, prompt_ids, prompt_text
+from pipeline.evaluate import complete
+from pipeline.files import atomic_write_bytes
+from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.jsonl"
-POLICY_STAGES = ("ppo", "sft", "pretrain")  # newest first choice first: the most trained policy
 QUIT_WORDS = ("exit", "quit")
-
-
-def policy_file(init_from: str | None, root: Path) -> Path:
-    """init_from if given, else the newest finished run of the most trained stage there is."""
-    if init_from:
-        return runs.model_file(Path(init_from))
-    for stage in POLICY_STAGES:
-        run = runs.newest_finished_run(root, stage)
-        if run is not None:
-            return run / runs.MODEL_FILE
-    raise UserError(f"no finished ppo, sft or pretrain run under {root}: train one first (`python -m pipeline`), or pass init_from=PATH")
 
 
 def load_policy(init_from: str | None, root: Path):
     """(model, tokenizer, path, stage) of a language model; a reward model is refused with its file named."""
-    path = policy_file(init_from, root)
-    model, tokenizer, payload, path = runs.load_start(str(path), "generate", root)
+    model, tokenizer, payload, path = runs.load_start(init_from, STAGES["generate"].starts_from, root, "generate")
     if payload.get("kind") == "scalar":
         raise UserError(f"init_from={path} is a reward model (a scalar head), not a policy: give an sft, ppo or pretrain run")
     return model.eval(), tokenizer, path, payload.get("stage")
@@ -59,7 +50,7 @@ def wants_chat(chat, stage: str | None) -> bool:
     continues text. A Lightning .ckpt does not say its stage, so auto treats it as plain text.
     """
     if chat == "auto":
-        return stage in ("sft", "ppo")
+        return stage in STAGES and STAGES[stage].chat
     if isinstance(chat, bool):
         return chat
     raise UserError(f"chat={chat!r} must be auto, true or false")
@@ -67,8 +58,6 @@ def wants_chat(chat, stage: str | None) -> bool:
 
 def read_prompts(path: Path) -> list:
     """Prompts from a .txt (one a line) or a .jsonl with a `prompt` column (text or a list of messages)."""
-    from pipeline.data import _messages_problem
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts_file={path}: no such file")
@@ -130,7 +119,7 @@ def decoding(cfg: DictConfig) -> dict:
 
 def write_generations(run_dir: Path, rows: list[dict], earlier: str = "") -> Path:
     path = run_dir / GENERATIONS_FILE
-    runs.atomic_write_bytes(path, (earlier + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)).encode())
+    atomic_write_bytes(path, (earlier + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)).encode())
     return path
 
 

@@ -16,7 +16,6 @@ from the RM, whitened advantages, clipped value loss. Metric names follow TRL.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -26,146 +25,34 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from pipeline import data as data_lib
 from pipeline import runs
+from pipeline.data import DataFormat, load_stage_data, validate_rows
+from pipeline.data.chat import prompt_ids, prompt_text
+from pipeline.data.corpus import embedded_task, load_corpus
+from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
-from pipeline.evaluate import left_pad, prompt_ids, prompt_text
-from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, last_token_index, token_logprobs
-from pipeline.training import build_trainer, datasets_cache, finish, is_global_zero, log_table, resume_checkpoint
+from pipeline.files import read_json, write_json
+from pipeline.losses.lm import next_token_loss
+from pipeline.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    assemble_rewards,
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, last_token_index, left_pad, token_logprobs, truncate_after_eos
+from pipeline.stages import STAGES
+from pipeline.tasks import default_task
+from pipeline.training import build_trainer, finish, is_global_zero, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# The arithmetic of PPO, on right-padded (B, N) response tensors with a 0/1 mask.
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Zero mean (unless shift_mean is False, which keeps the mean) and unit variance over masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation backwards over each response; padding contributes nothing.
-
-    values[t] is V(state before token t), rewards[t] the reward for token t. Returns (advantages,
-    returns = advantages + values).
-    """
-    values, rewards = values * mask, rewards * mask
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.size(0), device=rewards.device, dtype=rewards.dtype)
-    N = rewards.size(1)
-    for t in reversed(range(N)):
-        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        last = last * mask[:, t]  # padding positions carry nothing back
-        advantages[:, t] = last
-    return advantages, advantages + values
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from samples of the policy.
-
-    k1 = log r (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with
-    r' = p_ref / p_policy (unbiased and never negative); r = p_policy / p_ref.
-    """
-    log_ratio = logprobs - ref_logprobs
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise UserError(f"ppo.kl_estimator must be k1, k2 or k3, not {kind!r}")
-
-
-def policy_loss(new_logprobs, old_logprobs, advantages, mask, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate; returns (loss, fraction of tokens clipped, approximate KL old->new)."""
-    log_ratio = new_logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
-    return loss, clipfrac, approxkl
-
-
-def value_loss(new_values, old_values, returns, mask, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: the worse of the plain and the clipped squared error (as in PPO2)."""
-    clipped_values = old_values + torch.clamp(new_values - old_values, -clip, clip)
-    plain = (new_values - returns) ** 2
-    clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(plain, clipped), mask)
-    clipfrac = masked_mean((clipped > plain).float(), mask)
-    return loss, clipfrac
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-class FixedKLController:
-    def __init__(self, coef: float):
-        self.value = coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. (2019): move the coefficient so the KL tracks a target, proportionally, over a horizon."""
-
-    def __init__(self, coef: float, target: float, horizon: int):
-        super().__init__(coef)
-        self.target, self.horizon = target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-
-def truncate_after_eos(tokens: torch.Tensor, mask: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each response up to and including its first EOS; pad the rest (the sampler already does this)."""
-    is_eos = tokens == eos_id
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    keep = mask.bool() & ~after
-    return torch.where(keep, tokens, pad_id), keep.long()
-
-
-def assemble_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, kl_estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -kl_coef * KL at every token, plus the sequence's score on its last token.
-
-    Returns (rewards, per-token kl).
-    """
-    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(1) - 1).clamp_min(0).long()
-    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
-    return rewards * mask, kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +109,7 @@ class PPOModule(pl.LightningModule):
         idx = torch.randint(len(self.ptx_blocks), (self.cfg.ptx_batch_size,), generator=g)
         blocks = self.ptx_blocks[idx].to(self.device).long()
         logits = self.actor(blocks[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), blocks[:, 1:].flatten())
+        return next_token_loss(logits, blocks[:, 1:])
 
     # -- data ------------------------------------------------------------------------------
 
@@ -296,15 +183,27 @@ class PPOModule(pl.LightningModule):
     # -- one PPO iteration ---------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        cfg = self.cfg
-        if self.iteration >= cfg.iterations:  # a resumed run whose loop replays batches it already did
+        """One PPO iteration at its four seams: experience, advantages, update, logging."""
+        if self.iteration >= self.cfg.iterations:  # a resumed run whose loop replays batches it already did
             self.trainer.should_stop = True
             return
-        opt_actor, opt_critic = self.optimizers()
         started = time.perf_counter()
         roll = self.rollout(self.prompt_batch(self.iteration))
         rollout_s = time.perf_counter() - started
-        mask = roll.response_mask
+        kl, advantages, returns = self.advantages(roll)
+        update_started = time.perf_counter()
+        stats = self.update(roll, advantages, returns)
+        update_s = time.perf_counter() - update_started
+        self.log_iteration(roll, kl, stats, rollout_s, update_s)
+        self.iteration += 1
+        if self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.iterations:
+            self.evaluate()
+        if self.iteration % self.cfg.save_every == 0:
+            self.save_last()
+
+    def advantages(self, roll: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token KL, and GAE advantages (whitened) and returns of the per-token rewards (score at the last token, KL penalty at every token)."""
+        cfg, mask = self.cfg, roll.response_mask
         rewards, kl = assemble_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -312,13 +211,17 @@ class PPOModule(pl.LightningModule):
         advantages = masked_whiten(advantages, mask)
         if not (torch.isfinite(advantages).all() and torch.isfinite(returns).all()):
             self.diverged("advantages or returns")
+        return kl, advantages, returns
 
+    def update(self, roll: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ppo_epochs passes of clipped policy and value updates over shuffled minibatches; the mean of each statistic."""
+        cfg, mask = self.cfg, roll.response_mask
+        opt_actor, opt_critic = self.optimizers()
         B = mask.size(0)
         mb = min(cfg.minibatch_size, B)
         use_ptx = bool(cfg.ptx_coef) and self.ptx_blocks is not None
         stats = {k: [] for k in ("pg", "vf", "clipfrac", "approxkl", "entropy", "vf_clipfrac", "ratio", *(("ptx",) if use_ptx else ()))}
         minibatch = 0
-        update_started = time.perf_counter()
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(self.hparams.seed + self.iteration))
             for start in range(0, B, mb):
@@ -352,18 +255,21 @@ class PPOModule(pl.LightningModule):
         schedulers = self.lr_schedulers()
         for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
             sched.step()
-        update_s = time.perf_counter() - update_started
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in self.actor.state_dict().items():
                     if v.is_floating_point():
                         self.ema[k].lerp_(v, 1.0 - cfg.ema_decay)
+        return {k: torch.stack(v).mean() for k, v in stats.items()}
 
-        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+    def log_iteration(self, roll: Rollout, kl: torch.Tensor, mean: dict[str, torch.Tensor], rollout_s: float, update_s: float) -> None:
+        """Move the KL controller, warn on large steps, and log the iteration under TRL's metric names."""
+        cfg, mask = self.cfg, roll.response_mask
+        B = mask.size(0)
         seq_kl = kl.sum(1).mean()
         self.kl_ctl.update(float(seq_kl), B * self.trainer.world_size)
         if float(mean["ratio"]) > cfg.warn_ratio or float(mean["approxkl"]) > cfg.warn_approxkl:
-            log.warning("iteration %d: policy ratio %.3f / approx KL %.4f are large: lower model.lr or raise ppo.kl_coef", self.iteration, float(mean["ratio"]), float(mean["approxkl"]))
+            log.warning("iteration %d: policy ratio %.3f / approx KL %.4f are large: lower optim.lr or raise ppo.kl_coef", self.iteration, float(mean["ratio"]), float(mean["approxkl"]))
         gen_tokens = float(mask.sum()) * self.trainer.world_size
         figures = {
             "objective/kl": seq_kl,
@@ -377,7 +283,7 @@ class PPOModule(pl.LightningModule):
             "policy/entropy_avg": mean["entropy"],
             "loss/policy_avg": mean["pg"],
             "loss/value_avg": mean["vf"],
-            **({"loss/ptx_avg": mean["ptx"]} if use_ptx else {}),
+            **({"loss/ptx_avg": mean["ptx"]} if "ptx" in mean else {}),
             "val/clipfrac_avg": mean["vf_clipfrac"],
             "val/ratio": mean["ratio"],
             "val/num_eos_tokens": roll.finished.float().sum(),
@@ -387,16 +293,11 @@ class PPOModule(pl.LightningModule):
             "perf/gen_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
         }
         self.log_dict({k: float(v) for k, v in figures.items()})
-        self.iteration += 1
-        if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
-            self.evaluate()
-        if self.iteration % cfg.save_every == 0:
-            self.save_last()
 
     def diverged(self, what: str) -> None:
         raise UserError(
             f"PPO diverged at iteration {self.iteration}: non-finite {what}. The last good checkpoint is kept "
-            f"(checkpoints/last.ckpt); lower model.lr, raise ppo.kl_coef or lower ppo.clip_ratio"
+            f"(checkpoints/last.ckpt); lower optim.lr, raise ppo.kl_coef or lower ppo.clip_ratio"
         )
 
     def save_last(self) -> None:
@@ -522,14 +423,11 @@ def reset_value_head(critic: ScalarGPT) -> None:
 
 def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list[int]], list, str]:
     """Training prompts (as token ids) and held-out prompts (as TRL prompts) through the shared loader."""
-    source = str(cfg.data.path) if cfg.data.path else str(data_lib.embedded_task(Path(cfg.paths.cache_dir), "prompts"))
-    columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
-    ds = data_lib.load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
-    fmt = data_lib.require_format(ds["train"], {"prompt_only", "prompt_completion", "preference"}, "ppo", source)
+    ds, fmt, source = load_stage_data(cfg, "ppo", {"prompt_only", "prompt_completion", "preference"}, embedded_task(Path(cfg.paths.cache_dir), "prompts"))
     if fmt.implicit_prompt:
         raise UserError(f"stage 'ppo' needs explicit prompts; {source} has implicit-prompt preference data")
     for split in ds:
-        data_lib.validate_rows(ds[split].select_columns(["prompt"]), data_lib.DataFormat("prompt_only", fmt.conversational), f"{source} [{split}]")
+        validate_rows(ds[split].select_columns(["prompt"]), DataFormat("prompt_only", fmt.conversational), f"{source} [{split}]")
     prompts = []
     for i, p in enumerate(ds["train"]["prompt"]):
         ids = prompt_ids(tokenizer, p)
@@ -543,14 +441,12 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list
 
 def load_ptx_blocks(cfg: DictConfig, tokenizer, block_size: int) -> torch.Tensor:
     """Packed blocks of pretraining text for PPO-ptx: ppo.ptx_data, or the embedded corpus, with the policy's tokenizer."""
-    from pipeline.pretrain import load_corpus
-
     seq_len = int(cfg.ppo.ptx_seq_len)
     if not 1 <= seq_len <= block_size:
         raise UserError(f"ppo.ptx_seq_len={seq_len} must be between 1 and the model's context ({block_size})")
     corpus_cfg = OmegaConf.merge(cfg, {"data": {"path": cfg.ppo.ptx_data, "columns": None}})
     ds, source = load_corpus(corpus_cfg)
-    blocks = data_lib.tokenize_and_pack(ds["train"], tokenizer, seq_len).with_format("torch")["input_ids"]
+    blocks = tokenize_and_pack(ds["train"], tokenizer, seq_len).with_format("torch")["input_ids"]
     log.info("ppo-ptx: %d blocks of %d tokens from %s, coefficient %s", len(blocks), seq_len, source, cfg.ppo.ptx_coef)
     return blocks
 
@@ -559,8 +455,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     root = Path(cfg.paths.root)
-    actor, tokenizer, _, actor_path = runs.load_start(cfg.init_from, "ppo", root)
-    reward_path = runs.resolve_reward_from(cfg.reward_from, root)
+    actor, tokenizer, _, actor_path = runs.load_start(cfg.init_from, STAGES["ppo"].starts_from, root, "ppo")
+    reward_path = runs.resolve_start(cfg.reward_from, STAGES["ppo"].inputs["reward_from"], root, "ppo", key="reward_from")
     reward_payload = runs.load_model_payload(reward_path)
     if reward_payload.get("kind") != "scalar":
         raise UserError(f"reward_from={reward_path} is not a reward model (its model.pt has kind {reward_payload.get('kind')!r})")
@@ -572,7 +468,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         actor_config=actor.config.to_dict(),
         reward_config=reward_model.config.to_dict(),
         ppo=OmegaConf.to_container(cfg.ppo, resolve=True),
-        optim=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
         reward_norm={k: v for k, v in reward_payload.get("extra", {}).items() if isinstance(v, (int, float))},
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
@@ -589,9 +485,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, actor.config.block_size)
     use_gold = cfg.eval.gold if cfg.eval.gold != "auto" else not cfg.data.path
     if use_gold:
-        from pipeline.task import gold_score
-
-        module.gold_fn = gold_score
+        module.gold_fn = default_task().gold_score
     iterations = int(cfg.ppo.iterations)
     log.info("ppo: %d prompts from %s; actor %s; reward model %s; %d iterations", len(prompts), source, actor_path, reward_path, iterations)
 
@@ -610,19 +504,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         accumulate_grad_batches=1,
         use_distributed_sampler=False,
         log_every_n_steps=1,
+        parents=[actor_path, reward_path],
     )
     ckpt = resume_checkpoint(cfg, run_dir)
     start_point = None
     if ckpt is None and is_global_zero():
         module.to(trainer.strategy.root_device)
         start_point = module.evaluate()
-        runs.write_json(run_dir / "ppo_start.json", start_point)
+        write_json(run_dir / "ppo_start.json", start_point)
     loader = DataLoader(Iterations(iterations), batch_size=1, collate_fn=lambda items: items[0])
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
     if not trainer.is_global_zero:
         return {}
     final_point = module.history[-1] if module.history and module.history[-1]["iteration"] == module.iteration else module.evaluate()
-    start_point = start_point or runs.read_json(run_dir / "ppo_start.json")
+    start_point = start_point or read_json(run_dir / "ppo_start.json")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics = {
         "stage": "ppo",
