@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.losses.lm import IGNORE
 
@@ -14,13 +15,10 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"])
-            labels[i, : len(r["labels"])] = torch.as_tensor(r["labels"])
-        return {"input_ids": ids, "labels": labels}
+        def padded(key: str, value: int) -> torch.Tensor:
+            return pad_sequence([torch.as_tensor(r[key], dtype=torch.long) for r in rows], batch_first=True, padding_value=value)
+
+        return {"input_ids": padded("input_ids", self.pad_id), "labels": padded("labels", IGNORE)}
 
 
 class PairCollator:
