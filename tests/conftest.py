@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +22,28 @@ def outputs_root(tmp_path, monkeypatch):
     root = tmp_path / "outputs"
     monkeypatch.setenv("PIPELINE_OUTPUTS", str(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small text corpus file: a slice of the English reference text that ships with Python."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with path.open("w") as f:
+        for name in sorted(topics)[:60]:
+            f.write(json.dumps({"text": topics[name]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE of exactly helpers.TOKENIZER_SIZE tokens (tests/model/test_hf.py, tests/stages/test_export.py)."""
+    from pydoc_data.topics import topics
+
+    from helpers import TOKENIZER_SIZE
+    from pipeline.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([topics[k] for k in sorted(topics)[:20]], TOKENIZER_SIZE)
+    assert len(tok) == TOKENIZER_SIZE
+    return tok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from test_pretrain import run_pipeline
+from helpers import run_pipeline
 from wandb_records import artifacts, logged_metrics, read_records, run_file
 
 TINY_ALL = [

@@ -10,7 +10,9 @@ import torch
 
 from pipeline import runs
 from pipeline.errors import UserError
+from pipeline.files import read_json, write_dir_atomically, write_json
 from pipeline.model import GPT, GPTConfig, ScalarGPT
+from pipeline.stages import STAGES
 
 
 def small_config(**kw) -> GPTConfig:
@@ -19,16 +21,16 @@ def small_config(**kw) -> GPTConfig:
 
 def test_run_name_is_stable_and_path_safe():
     assert runs.run_name("") == "default"
-    assert runs.run_name("model.lr=0.001,trainer.max_steps=5") == "model.lr_0.001_trainer.max_steps_5"
+    assert runs.run_name("optim.lr=0.001,trainer.max_steps=5") == "optim.lr_0.001_trainer.max_steps_5"
     long = runs.run_name("data.path=/some/where/file.jsonl")
     assert "/" not in long and long == runs.run_name("data.path=/some/where/file.jsonl")
     assert long != runs.run_name("data.path=/some/where/other.jsonl")
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
-    runs.write_json(tmp_path / "metrics.json", {"a": 1.5})
-    runs.write_json(tmp_path / "metrics.json", {"a": 2.5})
-    assert runs.read_json(tmp_path / "metrics.json") == {"a": 2.5}
+    write_json(tmp_path / "metrics.json", {"a": 1.5})
+    write_json(tmp_path / "metrics.json", {"a": 2.5})
+    assert read_json(tmp_path / "metrics.json") == {"a": 2.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
@@ -39,13 +41,13 @@ def test_newest_finished_run_skips_unfinished(tmp_path):
         d.mkdir(parents=True)
         if name != "c":  # c never finished
             runs.save_model(d / runs.MODEL_FILE, model, kind="lm", stage="pretrain")
-            runs.write_json(d / runs.METRICS_FILE, {"i": i})
+            write_json(d / runs.METRICS_FILE, {"i": i})
             os.utime(d / runs.METRICS_FILE, (time.time() + i, time.time() + i))
     (tmp_path / "pretrain" / "c" / "checkpoints").mkdir()
     assert runs.newest_finished_run(tmp_path, "pretrain").name == "b"
-    assert runs.resolve_init_from(None, "sft", tmp_path) == tmp_path / "pretrain" / "b" / runs.MODEL_FILE
+    assert runs.resolve_start(None, STAGES["sft"].starts_from, tmp_path, "sft") == tmp_path / "pretrain" / "b" / runs.MODEL_FILE
     with pytest.raises(UserError, match="stage=sft` first"):
-        runs.resolve_init_from(None, "reward", tmp_path)
+        runs.resolve_start(None, STAGES["reward"].starts_from, tmp_path, "reward")
 
 
 def test_model_file_round_trip_into_a_scalar_model(tmp_path):
@@ -84,7 +86,7 @@ def test_a_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
     import os
 
     target = tmp_path / "tokenizer"
-    runs.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+    write_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
     real_replace = os.replace
 
     def failing(src, dst):
@@ -94,6 +96,6 @@ def test_a_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError, match="disk full"):
-        runs.write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
+        write_dir_atomically(target, lambda d: (d / "a.txt").write_text("new"))
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temporary folders left behind

@@ -9,17 +9,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pipeline.__main__  # noqa: F401  (registers the run_name resolver the config uses)
-from test_pretrain import REPO, TINY, corpus, run_pipeline  # noqa: F401  (corpus is a fixture)
+from helpers import REPO, TINY, run_pipeline
 from wandb_records import read_records, run_file
 
 
-# The embedded preference pairs need more context than test_pretrain's 64 tokens.
+# The embedded preference pairs need more context than helpers.TINY's 64 tokens.
 TINY_128 = [o for o in TINY if not o.startswith("model.block_size=")] + ["model.block_size=128"]
 
 
-def test_sweep_jobs_get_their_own_directories_and_wandb_runs_and_optuna_ranks_the_objective(corpus, outputs_root):  # noqa: F811
+def test_sweep_jobs_get_their_own_directories_and_wandb_runs_and_optuna_ranks_the_objective(corpus, outputs_root):
     result = run_pipeline(
-        "-m", "stage=pretrain", "model.lr=1e-3,3e-3", f"data.path={corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY_128,
+        "-m", "stage=pretrain", "optim.lr=1e-3,3e-3", f"data.path={corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY_128,
         root=outputs_root, timeout=400,
     )
     jobs = sorted(d for d in (outputs_root / "pretrain").iterdir() if d.is_dir())
@@ -28,7 +28,7 @@ def test_sweep_jobs_get_their_own_directories_and_wandb_runs_and_optuna_ranks_th
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["train/steps"] == 2
-        lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").model.lr)
+        lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr)
         (run,) = [r.run for r in read_records(run_file(job)) if r.WhichOneof("record_type") == "run"][:1]
         assert run.job_type == "pretrain" and run.display_name == f"pretrain/{job.name}"
         run_ids.add(run.run_id)
@@ -45,7 +45,7 @@ def test_sweep_jobs_get_their_own_directories_and_wandb_runs_and_optuna_ranks_th
     accuracies = [json.loads((d / "metrics.json").read_text())["val/accuracy"] for d in trials]
     assert len(trials) == 2
     best = OmegaConf.load(outputs_root / "reward" / "optimization_results.yaml")
-    assert best.best_value == max(accuracies) and set(best.best_params) == {"model.lr", "model.warmup_steps", "reward.center_coef"}
+    assert best.best_value == max(accuracies) and set(best.best_params) == {"optim.lr", "optim.warmup_steps", "reward.center_coef"}
 
 
 def compose_with(*overrides: str):

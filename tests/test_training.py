@@ -29,7 +29,7 @@ def test_history_appends_and_a_resumed_run_overrides_the_steps_it_logs_again(tmp
 def test_grouped_sampler_pads_less_keeps_groups_together_and_still_shuffles_every_row_once():
     import random
 
-    from pipeline.training import GroupedSampler
+    from pipeline.data.samplers import GroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 80) for _ in range(1000)]

@@ -3,7 +3,7 @@
 GAE, whitening, the KL estimators and controllers, the clipped policy and value losses, and the
 per-token rewards of "The N Implementation Details of RLHF with PPO". GRPO and RLOO reuse the
 masked statistics, the KL estimators and the clipped policy loss; each is tested against hand-computed
-values in tests/losses/test_ppo.py.
+values in tests/losses/test_ppo_math.py.
 """
 
 from __future__ import annotations

@@ -16,8 +16,12 @@ import datasets
 import pytest
 from pydoc_data.topics import topics
 
+import pipeline
 from pipeline import data
 from pipeline.data import DataFormat
+from pipeline.data.corpus import CORPUS_MIN_CHARS, embedded_corpus_rows, materialize
+from pipeline.data.loading import VALIDATE_BATCH_ROWS
+from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
 from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -101,12 +105,12 @@ def message_pattern(text: str) -> str:
 def test_embedded_corpus_is_real_english_deterministic_and_split_by_document(capfd):
     # A second build in another process (another hash seed) must give the same rows; it runs
     # alongside this one, on the other core.
-    digest = "import hashlib, json; from pipeline.data import embedded_corpus_rows as e; print(hashlib.sha256(json.dumps(e()).encode()).hexdigest())"
-    root = str(Path(data.__file__).resolve().parents[1])
+    digest = "import hashlib, json; from pipeline.data.corpus import embedded_corpus_rows as e; print(hashlib.sha256(json.dumps(e()).encode()).hexdigest())"
+    root = str(Path(pipeline.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     other = subprocess.Popen([sys.executable, "-c", digest], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started = time.process_time()  # CPU time: other work on the machine does not count
-    corpus = data.embedded_corpus_rows()
+    corpus = embedded_corpus_rows()
     assert time.process_time() - started < 10
     assert capfd.readouterr() == ("", "")  # prints nothing, not even SyntaxWarnings from old stdlib sources
     out, err = other.communicate(timeout=120)
@@ -117,7 +121,7 @@ def test_embedded_corpus_is_real_english_deterministic_and_split_by_document(cap
     assert not set(train) & set(val) and len(set(train)) == len(train)
     total = sum(len(t) for t in train + val)
     assert 1_000_000 < total < 4_000_000
-    assert all(len(t) >= data.CORPUS_MIN_CHARS for t in train + val)
+    assert all(len(t) >= CORPUS_MIN_CHARS for t in train + val)
     everything = train + val
     assert any(t.startswith("Customizing attribute access") for t in everything)  # a pydoc topic
     assert any(t.startswith("JSON (JavaScript Object Notation)") for t in everything)  # json's module docstring
@@ -126,16 +130,16 @@ def test_embedded_corpus_is_real_english_deterministic_and_split_by_document(cap
 def test_materialize_writes_once_and_is_read_by_the_user_loader(tmp_path):
     texts = [topics[k] for k in sorted(topics)[:55]]
     rows = {"train": [{"text": t} for t in texts[:50]], "validation": [{"text": t} for t in texts[50:]]}
-    folder = data.materialize(rows, tmp_path / "corpus")
+    folder = materialize(rows, tmp_path / "corpus")
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["train.jsonl", "validation.jsonl"]
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert data.materialize(rows, folder) == folder
+    assert materialize(rows, folder) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # nothing rewritten
     ds = data.load_data(str(folder))
     assert [r["text"] for r in ds["train"]] == [r["text"] for r in rows["train"]]
     assert [r["text"] for r in ds["validation"]] == [r["text"] for r in rows["validation"]]
     # Rows from a changed generator replace the old files instead of being shadowed by them.
-    data.materialize({"train": rows["train"][:10], "validation": rows["validation"]}, folder)
+    materialize({"train": rows["train"][:10], "validation": rows["validation"]}, folder)
     assert len((folder / "train.jsonl").read_text().splitlines()) == 10
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
@@ -363,7 +367,7 @@ def test_validation_is_columnar_and_names_the_row_across_batches():
     started = time.perf_counter()
     data.validate_rows(ds, fmt, "big")
     assert time.perf_counter() - started < 3  # a per-row Python loop over 100k nested rows takes longer
-    bad_index = 2 * data.VALIDATE_BATCH_ROWS + 17  # in the third batch: offsets must add up
+    bad_index = 2 * VALIDATE_BATCH_ROWS + 17  # in the third batch: offsets must add up
     ds = datasets.Dataset.from_dict({k: [v] * bad_index + [U("x") if k == "chosen" else v] + [v] * 5 for k, v in good.items()})
     with pytest.raises(UserError, match=message_pattern(f"big, row {bad_index}, column 'chosen': expected an assistant message")):
         data.validate_rows(ds, fmt, "big")
@@ -380,7 +384,7 @@ def test_validation_is_columnar_and_names_the_row_across_batches():
 def test_pack_is_bos_ids_eos_per_document_cut_into_fixed_rows(tmp_path, tok):
     texts = [f"The {i}th module docstring says hello.\nSecond line {i}." for i in range(30)]
     ds = data.load_data(str(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])))["train"]
-    packed = data.tokenize_and_pack(ds, tok, block_size=16)
+    packed = tokenize_and_pack(ds, tok, block_size=16)
     expected = []
     for text in ds["text"]:
         expected += [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -394,7 +398,7 @@ def test_pack_is_bos_ids_eos_per_document_cut_into_fixed_rows(tmp_path, tok):
 
 def test_pack_is_cached_on_disk_for_file_backed_data(tmp_path, tok, monkeypatch):
     ds = data.load_data(str(write_jsonl(tmp_path / "d.jsonl", [{"text": f"text number {i} " * 5} for i in range(40)])))["train"]
-    first = data.tokenize_and_pack(ds, tok, block_size=8)
+    first = tokenize_and_pack(ds, tok, block_size=8)
     cache_file = first.cache_files[0]["filename"]
     assert cache_file.startswith(str(datasets.config.HF_DATASETS_CACHE))
     # A fresh tokenizer object read back from disk (as in a second run) finds the same cache file,
@@ -406,11 +410,11 @@ def test_pack_is_cached_on_disk_for_file_backed_data(tmp_path, tok, monkeypatch)
 
     with monkeypatch.context() as patch:
         patch.setattr(type(reloaded), "__call__", refuse)
-        second = data.tokenize_and_pack(ds, reloaded, block_size=8)
+        second = tokenize_and_pack(ds, reloaded, block_size=8)
     assert second.cache_files[0]["filename"] == cache_file
     assert second["input_ids"][:] == first["input_ids"][:]
-    other_block = data.tokenize_and_pack(ds, tok, block_size=12)
-    other_tok = data.tokenize_and_pack(ds, train_tokenizer(["different text entirely"] * 10, 280), block_size=8)
+    other_block = tokenize_and_pack(ds, tok, block_size=12)
+    other_tok = tokenize_and_pack(ds, train_tokenizer(["different text entirely"] * 10, 280), block_size=8)
     assert len({cache_file, other_block.cache_files[0]["filename"], other_tok.cache_files[0]["filename"]}) == 3
 
 
@@ -418,6 +422,6 @@ def test_too_little_text_for_one_block_is_named(tmp_path, tok):
     ds = datasets.Dataset.from_list([{"text": "ab"}, {"text": "cd"}])
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in ("ab", "cd"))
     with pytest.raises(UserError, match=message_pattern(f"holds {n_tokens} tokens (with BOS and EOS per document), fewer than one block of 1001 tokens (block_size=1000 + 1)")):
-        data.tokenize_and_pack(ds, tok, block_size=1000)
+        tokenize_and_pack(ds, tok, block_size=1000)
     with pytest.raises(UserError, match=r"needs a 'text' column; the data has columns \[prompt\]"):
-        data.tokenize_and_pack(datasets.Dataset.from_list([{"prompt": "p"}]), tok, block_size=4)
+        tokenize_and_pack(datasets.Dataset.from_list([{"prompt": "p"}]), tok, block_size=4)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.losses.pairwise import pairwise_loss
 
@@ -32,3 +34,13 @@ def test_a_wider_right_margin_lowers_the_loss_and_a_wrong_ranking_raises_it():
     rejected = torch.zeros(1)
     losses = [pairwise_loss(torch.tensor([d]), rejected).item() for d in (-2.0, 0.0, 2.0, 6.0)]
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.01
+
+
+def test_pairwise_loss_on_hand_made_pairs():
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 1.5])
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-5)
+    with_margin = pairwise_loss(chosen, rejected, margin=torch.tensor([1.0, 0.0]))
+    assert with_margin.item() == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2, rel=1e-5)
+    centred = pairwise_loss(chosen, rejected, center_coef=0.1)
+    assert centred.item() == pytest.approx(expected + 0.1 * ((2.0**2) + (2.0**2)) / 2, rel=1e-5)

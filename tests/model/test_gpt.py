@@ -1,4 +1,4 @@
-"""The GPT backbone: causality, padding, KV cache, sampler, scalar head, sizes."""
+"""The GPT backbone and its generation engine: causality, padding, KV cache, sampler, EOS truncation, scalar head, sizes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import GPT, GPTConfig, ScalarGPT, filter_logits, generate, last_token_index, pad_vocab, token_logprobs
+from helpers import REPO
+from pipeline.model import GPT, GPTConfig, ScalarGPT, filter_logits, generate, last_token_index, pad_vocab, token_logprobs, truncate_after_eos
 
 VARIANTS = {
     "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu"),
@@ -127,6 +128,13 @@ def test_generation_respects_the_context_limit():
         model(torch.zeros(1, 49, dtype=torch.long))
 
 
+def test_truncation_after_eos():
+    tokens = torch.tensor([[4, 2, 5, 6], [4, 5, 6, 7]])
+    mask = torch.ones_like(tokens)
+    out, m = truncate_after_eos(tokens, mask, eos_id=2, pad_id=0)
+    assert out.tolist() == [[4, 2, 0, 0], [4, 5, 6, 7]] and m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2, top_p=None)).tolist() == [[False, False, True, True]]
@@ -167,7 +175,7 @@ def test_gpt2_small_forward_and_backward_on_cpu():
     """The 124M config is a real GPT-2 small: parameter count and one training step."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load("conf/model/gpt2.yaml")
+    cfg = OmegaConf.load(REPO / "conf/model/gpt2.yaml")
     arch = {k: v for k, v in OmegaConf.to_container(cfg).items() if k in GPTConfig.__dataclass_fields__}
     model = GPT(GPTConfig(vocab_size=50257, **arch))
     assert 123e6 < model.num_params() < 126e6  # 124M with GPT-2's vocabulary, embeddings tied

@@ -1,47 +1,26 @@
-"""Export to transformers and import from it: equal logits both ways, the tokenizer, the stage, bad input."""
+"""The transformers mapping (pipeline/model/hf.py): export and import with equal logits both ways, the tokenizer, bad input.
+
+The export stage itself (`stage=export`) is tests/stages/test_export.py.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pipeline import export, runs
+from helpers import ARCHS, GPT2_STYLE, VOCAB, finished_run, tiny_model
+from pipeline import runs
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig, ScalarGPT, generate, pad_vocab, positions_from_mask
-from pipeline.tokenizer import save_tokenizer, train_tokenizer
-from test_pretrain import run_pipeline
+from pipeline.model import GPT, GPTConfig, ScalarGPT, generate, positions_from_mask
+from pipeline.model.hf import architecture_of, export
+from pipeline.stages import STAGES
+from pipeline.tokenizer import save_tokenizer
 
-TOKENIZER_SIZE = 300
-VOCAB = pad_vocab(TOKENIZER_SIZE)  # 320: the model's embedding rows, a multiple of 64
-GPT2_STYLE = dict(pos_emb="learned", norm="layernorm", mlp="gelu")
-ARCHS = {
-    "gpt2": dict(GPT2_STYLE, bias=True),
-    "gpt2-nobias-untied": dict(GPT2_STYLE, bias=False, tie_embeddings=False),
-    "llama-gqa": dict(n_head=4, n_kv_head=2, rope_theta=500.0),
-    "llama-bias-untied": dict(bias=True, tie_embeddings=False),
-}
 HF_CLASS = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = train_tokenizer([topics[k] for k in sorted(topics)[:20]], TOKENIZER_SIZE)
-    assert len(tok) == TOKENIZER_SIZE
-    return tok
-
-
-def tiny_model(seed: int = 0, vocab_size: int = VOCAB, **arch) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**dict(vocab_size=vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32), **arch})).eval()
-    with torch.no_grad():  # away from the init's zero biases and unit gains, so every parameter matters
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def left_padded_batch(vocab: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +36,7 @@ def left_padded_batch(vocab: int, pad_id: int) -> tuple[torch.Tensor, torch.Tens
 def test_exported_model_gives_our_logits_and_generations(name, tokenizer, tmp_path):
     model = tiny_model(**ARCHS[name])
     out = tmp_path / "hf"
-    figures = export.export(model, tokenizer, out)
+    figures = export(model, tokenizer, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf) is HF_CLASS[name.split("-")[0]] and figures["architecture"] == type(hf).__name__
     assert hf.config.vocab_size == model.config.vocab_size == 320 > len(tokenizer)  # the padded rows stay
@@ -80,7 +59,7 @@ def test_exported_model_gives_our_logits_and_generations(name, tokenizer, tmp_pa
 @pytest.mark.parametrize("name", ARCHS)
 def test_round_trip_keeps_config_and_weights(name, tmp_path):
     model = tiny_model(**ARCHS[name])
-    export.export(model, None, tmp_path / "hf")
+    export(model, None, tmp_path / "hf")
     payload = runs.load_model_payload(runs.model_file(tmp_path / "hf"))
     assert payload["config"] == model.config.to_dict()
     again = runs.build_model(payload, GPT, tmp_path)
@@ -89,7 +68,7 @@ def test_round_trip_keeps_config_and_weights(name, tmp_path):
 
 
 def test_exported_tokenizer_loads_with_auto_tokenizer(tokenizer, tmp_path):
-    export.export(tiny_model(), tokenizer, tmp_path / "hf")
+    export(tiny_model(), tokenizer, tmp_path / "hf")
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Reverse the list: a, b  ünïcödé\n"
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
@@ -136,7 +115,7 @@ def test_a_transformers_model_imports_with_equal_logits(make, tokenizer, tmp_pat
     for f in (tmp_path / "tok").iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     # Exactly what a stage does with init_from=<folder>: model and tokenizer from the folder.
-    model, tok, payload, path = runs.load_start(str(folder), "sft", tmp_path / "outputs")
+    model, tok, payload, path = runs.load_start(str(folder), STAGES["sft"].starts_from, tmp_path / "outputs", "sft")
     assert path == folder and payload["stage"] == "transformers" and tok.pad_token_id == tokenizer.pad_token_id
     ids, mask = left_padded_batch(384, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -150,11 +129,11 @@ def test_a_transformers_model_imports_with_equal_logits(make, tokenizer, tmp_pat
 
 def test_unsupported_configs_name_their_fields(tmp_path):
     with pytest.raises(UserError, match=r"norm=layernorm has no transformers counterpart"):
-        export.architecture_of(GPTConfig(norm="layernorm"))
+        architecture_of(GPTConfig(norm="layernorm"))
     with pytest.raises(UserError, match=r"^model config norm=rmsnorm has no transformers counterpart"):
-        export.architecture_of(GPTConfig(pos_emb="learned", mlp="gelu"))
+        architecture_of(GPTConfig(pos_emb="learned", mlp="gelu"))
     with pytest.raises(UserError, match=r"n_kv_head=1 \(grouped-query attention\) has no GPT-2 counterpart"):
-        export.architecture_of(GPTConfig(n_head=2, n_kv_head=1, **GPT2_STYLE))
+        architecture_of(GPTConfig(n_head=2, n_kv_head=1, **GPT2_STYLE))
     # Import: transformers configs with features our model lacks.
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, activation_function="relu")).save_pretrained(tmp_path / "relu")
     with pytest.raises(UserError, match=r"relu.*config.json: activation_function='relu'"):
@@ -169,62 +148,15 @@ def test_unsupported_configs_name_their_fields(tmp_path):
 
 def test_export_replaces_the_folder_atomically_and_a_scalar_model_exports_its_backbone(tmp_path):
     out = tmp_path / "hf"
-    export.export(tiny_model(seed=1), None, out)
+    export(tiny_model(seed=1), None, out)
     torch.manual_seed(2)
     scalar = ScalarGPT(tiny_model(seed=2).config)
-    export.export(scalar, None, out)
+    export(scalar, None, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left beside it
     hf = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, scalar.lm_head(scalar.hidden_states(ids)), atol=1e-5, rtol=1e-5)
-
-
-def finished_run(root: Path, stage: str, name: str, model: GPT, tokenizer) -> Path:
-    run_dir = root / stage / name
-    save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
-    runs.save_model(run_dir / runs.MODEL_FILE, model, kind="lm", stage=stage)
-    runs.write_json(run_dir / runs.METRICS_FILE, {"stage": stage})
-    return run_dir
-
-
-def test_default_source_prefers_ppo_then_sft_then_pretrain(tokenizer, tmp_path):
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create({"init_from": None, "paths": {"root": str(tmp_path)}})
-    with pytest.raises(UserError, match="no finished ppo/sft/pretrain run"):
-        export.source_run(cfg)
-    sft = finished_run(tmp_path, "sft", "a", tiny_model(), tokenizer)
-    finished_run(tmp_path, "pretrain", "b", tiny_model(), tokenizer)  # newer, but an earlier stage
-    assert export.source_run(cfg) == sft / runs.MODEL_FILE
-    ppo = finished_run(tmp_path, "ppo", "c", tiny_model(), tokenizer)
-    assert export.source_run(cfg) == ppo / runs.MODEL_FILE
-
-
-def test_export_stage_through_the_command_line(tokenizer, outputs_root):
-    model = tiny_model(**ARCHS["llama-gqa"])
-    source = finished_run(outputs_root, "sft", "default", model, tokenizer)
-    run_pipeline("stage=export", "logger=csv", root=outputs_root)
-    run_dir = outputs_root / "export" / "default"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["source"] == str(source / runs.MODEL_FILE) and metrics["architecture"] == "LlamaForCausalLM"
-    assert metrics["check/max_abs_logit_diff"] < 1e-5
-    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
-    ids = torch.randint(0, VOCAB, (2, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
-    assert AutoTokenizer.from_pretrained(run_dir / "hf")("a b")["input_ids"] == tokenizer("a b")["input_ids"]
-    # The export run's directory works as init_from for the next stage, as a training run's does.
-    again, _, payload, _ = runs.load_start(str(run_dir), "sft", outputs_root)
-    assert payload["config"] == model.config.to_dict()
-
-
-def test_export_stage_rejects_an_unsupported_model_with_exit_code_2(tokenizer, outputs_root):
-    source = finished_run(outputs_root, "pretrain", "odd", tiny_model(norm="layernorm"), tokenizer)
-    result = run_pipeline("stage=export", f"init_from={source}", "logger=csv", root=outputs_root, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "norm=layernorm has no transformers counterpart" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_a_foreign_tokenizer_gains_our_special_tokens_and_the_embedding_grows(tmp_path):
@@ -240,7 +172,7 @@ def test_a_foreign_tokenizer_gains_our_special_tokens_and_the_embedding_grows(tm
     folder = tmp_path / "gpt2_like"
     hf.save_pretrained(folder)
     backend.save(str(folder / "tokenizer.json"))
-    model, tok, _, _ = runs.load_start(str(folder), "sft", tmp_path / "outputs")
+    model, tok, _, _ = runs.load_start(str(folder), STAGES["sft"].starts_from, tmp_path / "outputs", "sft")
     old = backend.get_vocab_size()
     assert len(tok) == old + 5 and tok.pad_token_id >= old and tok.pad_token_id != tok.eos_token_id
     assert model.config.vocab_size == 320  # the grown vocabulary, padded to a multiple of 64
@@ -266,9 +198,9 @@ def test_export_from_a_lightning_checkpoint(tokenizer, tmp_path):
     ckpt.parent.mkdir()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"model_config": model.config.to_dict(), "model_kind": "lm"}}, ckpt)
-    loaded, tok, _, path = runs.load_start(str(ckpt), "export", tmp_path)  # what the stage does with init_from=<ckpt>
+    loaded, tok, _, path = runs.load_start(str(ckpt), STAGES["export"].starts_from, tmp_path, "export")  # what the stage does with init_from=<ckpt>
     assert path == ckpt and len(tok) == len(tokenizer)  # the tokenizer of the run the checkpoint belongs to
-    export.export(loaded, tok, tmp_path / "hf")
+    export(loaded, tok, tmp_path / "hf")
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
@@ -286,7 +218,7 @@ def test_a_ppo_checkpoint_starts_a_stage_from_its_actor(tokenizer, tmp_path):
     ckpt.parent.mkdir()
     hparams = {"actor_config": actor.config.to_dict(), "reward_config": scorer.config.to_dict(), "ppo": {}, "eos_id": 1, "pad_id": 0}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)  # the keys and hyper-parameters PPOModule saves
-    loaded, tok, payload, _ = runs.load_start(str(ckpt), "export", tmp_path)
+    loaded, tok, payload, _ = runs.load_start(str(ckpt), STAGES["export"].starts_from, tmp_path, "export")
     assert payload["kind"] == "lm" and len(tok) == len(tokenizer)
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():

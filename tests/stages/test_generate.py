@@ -15,12 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pipeline.__main__  # noqa: F401  (registers the run_name resolver the config uses)
-from pipeline import generate, runs
+from helpers import REPO, run_pipeline
+from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.evaluate import complete
+from pipeline.files import write_json
 from pipeline.model import GPT, GPTConfig, ScalarGPT
+from pipeline.stages import STAGES, generate
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
-from test_pretrain import REPO, run_pipeline
 
 TEXTS = [f"Reverse the list: {a} {b} {c}. Sure, here it is: {c} {b} {a}." for a, b, c in zip("abcdefgh", "ijklmnop", "qrstuvwx")] * 4
 
@@ -34,7 +36,7 @@ def save_run(root: Path, stage: str, name: str, cls=GPT, seed: int = 0) -> Path:
     run_dir = root / stage / name
     save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
     runs.save_model(run_dir / runs.MODEL_FILE, model, kind="scalar" if cls is ScalarGPT else "lm", stage=stage)
-    runs.write_json(run_dir / runs.METRICS_FILE, {"stage": stage})
+    write_json(run_dir / runs.METRICS_FILE, {"stage": stage})
     return run_dir
 
 
@@ -57,7 +59,7 @@ def test_greedy_answers_are_deterministic_and_those_of_complete(outputs_root):
     first_rows = read_jsonl(gen_dir / generate.GENERATIONS_FILE)
     second = run_pipeline("stage=generate", f"prompt={prompt}", "max_new_tokens=12", root=outputs_root)
 
-    model, tokenizer, _, _ = runs.load_start(str(sft), "generate", outputs_root)
+    model, tokenizer, _, _ = runs.load_start(str(sft), STAGES["generate"].starts_from, outputs_root, "generate")
     turn = [{"role": "user", "content": prompt}]  # an SFT model is asked through the chat template
     expected = complete(model.eval(), tokenizer, [turn], max_new_tokens=12)[0]
     assert expected and first_rows == read_jsonl(gen_dir / generate.GENERATIONS_FILE) == [{"prompt": turn, "response": expected}]
@@ -78,7 +80,7 @@ def test_prompts_file_txt_and_jsonl_and_seeded_sampling(tmp_path, outputs_root):
     assert generate.read_prompts(txt) == ["Reverse the list: a b c", "Reverse the list: d e f"]
     assert generate.read_prompts(jsonl) == ["Reverse the list: a b c", conversation]
 
-    model, tokenizer, _, _ = runs.load_start(str(run_dir), "generate", outputs_root)
+    model, tokenizer, _, _ = runs.load_start(str(run_dir), STAGES["generate"].starts_from, outputs_root, "generate")
     out = tmp_path / "gen"
     generate.run(config(outputs_root, out, f"prompts_file={jsonl}", "max_new_tokens=10"), out)
     rows = read_jsonl(out / generate.GENERATIONS_FILE)
@@ -153,7 +155,7 @@ def test_chat_in_a_terminal_keeps_the_conversation(outputs_root):
         {"role": "assistant", "content": rows[0]["response"]},
         {"role": "user", "content": "And now: c d"},
     ]
-    model, tokenizer, _, _ = runs.load_start(str(run_dir), "generate", outputs_root)
+    model, tokenizer, _, _ = runs.load_start(str(run_dir), STAGES["generate"].starts_from, outputs_root, "generate")
     assert rows[1]["response"] == complete(model, tokenizer, [rows[1]["prompt"]], max_new_tokens=6)[0]
 
     chat_session(outputs_root, ["Once more: e f"])  # ended by Ctrl-D

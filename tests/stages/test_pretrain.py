@@ -14,50 +14,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from helpers import REPO, TINY, run_pipeline
 from wandb_records import artifacts, logged_metrics, read_records, run_file
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A model and a run small enough for seconds on a 2-core CPU.
-TINY = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=64",
-    "tokenizer.vocab_size=320",
-    "data.batch_size=8",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "samples.num_prompts=2",
-    "samples.max_new_tokens=8",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small text corpus file: a slice of the English reference text that ships with Python."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with path.open("w") as f:
-        for name in sorted(topics)[:60]:
-            f.write(json.dumps({"text": topics[name]}) + "\n")
-    return path
-
-
-def run_pipeline(*overrides: str, root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}")
-    return result
 
 
 def only_run_dir(root: Path, stage: str) -> Path:

@@ -7,16 +7,19 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydoc_data.topics import topics
 
+from helpers import TINY, run_pipeline
 from pipeline import data
+from pipeline.data.chat import encode_example, encode_pairs, tokenize_sft
+from pipeline.data.collators import PairCollator
+from pipeline.data.corpus import embedded_task
 from pipeline.errors import UserError
+from pipeline.losses.lm import IGNORE
+from pipeline.losses.pairwise import pairwise_loss
 from pipeline.model import GPTConfig, ScalarGPT
-from pipeline.reward import PairCollator, RewardModule, encode_pairs, pairwise_loss, score_sequences
-from pipeline.sft import IGNORE, encode_example, tokenize
+from pipeline.stages.reward import RewardModule, score_sequences
 from pipeline.tokenizer import train_tokenizer
-from test_pretrain import TINY, run_pipeline
 
 U = lambda text: [{"role": "user", "content": text}]  # noqa: E731
 A = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
@@ -57,17 +60,7 @@ def test_a_prompt_longer_than_the_context_names_the_row(tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
     ds = data.load_data(str(path))["train"]
     with pytest.raises(UserError, match=r"row \d+ has a prompt of \d+ tokens.*context of 64 tokens"):
-        tokenize(ds, tok, data.detect_format(ds), "completion", 65, "long.jsonl")
-
-
-def test_pairwise_loss_on_hand_made_pairs():
-    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 1.5])
-    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
-    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-5)
-    with_margin = pairwise_loss(chosen, rejected, margin=torch.tensor([1.0, 0.0]))
-    assert with_margin.item() == pytest.approx((-F.logsigmoid(torch.tensor(1.0)) - F.logsigmoid(torch.tensor(-1.0))).item() / 2, rel=1e-5)
-    centred = pairwise_loss(chosen, rejected, center_coef=0.1)
-    assert centred.item() == pytest.approx(expected + 0.1 * ((2.0**2) + (2.0**2)) / 2, rel=1e-5)
+        tokenize_sft(ds, tok, data.detect_format(ds), "completion", 65, "long.jsonl")
 
 
 def test_reward_model_separates_a_separable_toy_set(tok):
@@ -186,7 +179,7 @@ def test_sft_run_reports_gold_scores_of_start_and_end(pipeline_runs):
     rows = json.loads((run / "gold_final.json").read_text())["rows"]
     assert len(rows) == 8
     # The gold prompts are held out: none appears in SFT's training data.
-    train_prompts = {r["messages"][0]["content"] for r in data.load_data(str(data.embedded_task(pipeline_runs / "cache", "sft")))["train"]}
+    train_prompts = {r["messages"][0]["content"] for r in data.load_data(str(embedded_task(pipeline_runs / "cache", "sft")))["train"]}
     assert not {r["prompt"] for r in rows} & train_prompts
 
 
@@ -205,10 +198,10 @@ def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_ru
     model = ScalarGPT(GPTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     from pipeline.tokenizer import load_tokenizer
-    from pipeline.sft import encode_ids, render
+    from pipeline.data.chat import encode_ids, render
 
     tok = load_tokenizer(run / "tokenizer")
-    refs = data.load_data(str(data.embedded_task(pipeline_runs / "cache", "sft")))["validation"]
+    refs = data.load_data(str(embedded_task(pipeline_runs / "cache", "sft")))["validation"]
     seqs = [encode_ids(tok, render(tok, r["messages"]))[: model.config.block_size] for r in refs]
     normalised = score_sequences(model, seqs, tok.pad_token_id) - payload["extra"]["reward_mean"]
     assert abs(normalised.mean().item()) < 1e-3

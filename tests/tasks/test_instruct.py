@@ -9,11 +9,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from pipeline import task
+from helpers import REPO
+from pipeline.tasks import instruct as task
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +101,11 @@ def test_rows_are_deterministic_and_independent_of_python_hash_seed():
     assert task.sft_rows("validation", 60, seed=3) == task.sft_rows("validation", 60, seed=3)
     assert task.sft_rows("validation", 60, seed=3) != task.sft_rows("validation", 60, seed=4)
     assert task.preference_rows("test", 40) == task.preference_rows("test", 40)
-    code = "import json; from pipeline import task; print(json.dumps([task.prompt_rows('test', 30), task.preference_rows('train', 30)]))"
+    code = "import json; from pipeline.tasks import instruct as task; print(json.dumps([task.prompt_rows('test', 30), task.preference_rows('train', 30)]))"
     outputs = set()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True)
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
         outputs.add(run.stdout)
     assert len(outputs) == 1
     assert json.loads(outputs.pop()) == [task.prompt_rows("test", 30), task.preference_rows("train", 30)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import bench
+from pipeline.tools import bench
 
 GPT2_STYLE = ["model.pos_emb=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true"]
 

@@ -1,11 +1,11 @@
-"""pipeline.report on its own: the figures table from whatever keys the stages wrote, and bad paths.
+"""pipeline.tools.report on its own: the figures table from whatever keys the stages wrote, and bad paths.
 
 The whole report on a real pipeline run is checked by tests/test_pipeline.py.
 """
 
 from __future__ import annotations
 
-from pipeline import report
+from pipeline.tools import report
 
 
 def test_figures_table_shows_missing_keys_and_unfinished_stages():
@@ -13,7 +13,7 @@ def test_figures_table_shows_missing_keys_and_unfinished_stages():
         "pretrain": {"val/loss": 3.0, "val/ppl": 20.0855, "train/steps": 10, "time/total_s": 5.04, "perf/tokens_per_s": 12345.6},
         "reward": {"validation/accuracy": 0.7},  # no test split, no gold judge
     }
-    columns, rows = report.figures_table(metrics)
+    columns, rows = report.figures_table(metrics, ["pretrain", "sft", "reward", "ppo"])
     assert columns == ["stage", "result", "steps", "time (s)", "tokens/s"]
     assert rows == [
         ["pretrain", "val loss 3.000 (perplexity 20.1; unigram baseline -)", "10", "5.0", "12,346"],

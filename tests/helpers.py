@@ -1,0 +1,81 @@
+"""Shared non-fixture helpers of the test suite (tests/ is on sys.path through tests/conftest.py).
+
+run_pipeline, REPO and TINY drive `python -m pipeline` on tiny settings; tiny_model, finished_run and
+the architecture table build the small models and finished stage runs that the export tests share.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import runs
+from pipeline.files import write_json
+from pipeline.model import GPT, GPTConfig, pad_vocab
+from pipeline.tokenizer import save_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model and a run small enough for seconds on a 2-core CPU.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=64",
+    "tokenizer.vocab_size=320",
+    "data.batch_size=8",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "samples.num_prompts=2",
+    "samples.max_new_tokens=8",
+]
+
+
+def run_pipeline(*overrides: str, root: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Export to transformers (tests/model/test_hf.py, tests/stages/test_export.py)
+
+TOKENIZER_SIZE = 300
+VOCAB = pad_vocab(TOKENIZER_SIZE)  # 320: the model's embedding rows, a multiple of 64
+GPT2_STYLE = dict(pos_emb="learned", norm="layernorm", mlp="gelu")
+ARCHS = {
+    "gpt2": dict(GPT2_STYLE, bias=True),
+    "gpt2-nobias-untied": dict(GPT2_STYLE, bias=False, tie_embeddings=False),
+    "llama-gqa": dict(n_head=4, n_kv_head=2, rope_theta=500.0),
+    "llama-bias-untied": dict(bias=True, tie_embeddings=False),
+}
+
+
+def tiny_model(seed: int = 0, vocab_size: int = VOCAB, **arch) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(vocab_size=vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32), **arch})).eval()
+    with torch.no_grad():  # away from the init's zero biases and unit gains, so every parameter matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def finished_run(root: Path, stage: str, name: str, model: GPT, tokenizer) -> Path:
+    run_dir = root / stage / name
+    save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
+    runs.save_model(run_dir / runs.MODEL_FILE, model, kind="lm", stage=stage)
+    write_json(run_dir / runs.METRICS_FILE, {"stage": stage})
+    return run_dir
