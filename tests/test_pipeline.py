@@ -31,6 +31,7 @@ TINY_ALL = [
     "ppo.max_new_tokens=8",
     "ppo.eval_every=1",
     "trainer.log_every_n_steps=1",
+    'recipe.overrides.reward=["trainer.max_steps=5"]',  # reaches the reward stage alone
 ]
 
 
@@ -46,6 +47,7 @@ def test_whole_pipeline_chains_the_stages_records_lineage_writes_its_report_and_
     assert metrics["ppo"]["init_from"] == str(outputs_root / "sft" / name / "model.pt")
     assert metrics["ppo"]["reward_from"] == str(outputs_root / "reward" / name / "model.pt")
     assert "gold/start" in metrics["ppo"] and "gold/final" in metrics["ppo"] and metrics["ppo"]["train/iterations"] == 2
+    assert (metrics["reward"]["train/steps"], metrics["sft"]["train/steps"], metrics["pretrain"]["train/steps"]) == (5, 4, 4)
     assert_lineage(outputs_root, name)
     assert_report(outputs_root / "all" / name, metrics)
 
