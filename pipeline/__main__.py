@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import runs
 from pipeline.errors import UserError
 from pipeline.files import read_json
-from pipeline.stages import RECIPE_RUNNER, STAGES
+from pipeline.stages import RECIPE_RUNNER, STAGES, training_stages
 
 log = logging.getLogger("pipeline")
 
@@ -86,9 +86,10 @@ def run_recipe(cfg: DictConfig) -> None:
     passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "recipe=")) and o.split("=", 1)[0] not in inputs]
     name = Path(cfg.paths.run_dir).name
     root = Path(cfg.paths.root)
-    unknown = [s for s in cfg.recipe.stages if s not in STAGES or not STAGES[s].trains]
+    trainable = [s.name for s in training_stages()]
+    unknown = [s for s in cfg.recipe.stages if s not in trainable]
     if unknown:
-        raise UserError(f"recipe {cfg.recipe.name}: {unknown} are not training stages; stages are {[s.name for s in STAGES.values() if s.trains]}")
+        raise UserError(f"recipe {cfg.recipe.name}: {unknown} are not training stages; stages are {trainable}")
     done: list[str] = []
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
     for stage in cfg.recipe.stages:
