@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import runs
+from pipeline import CONF_DIR, console, runs
 from pipeline.errors import UserError
 from pipeline.files import read_json
 from pipeline.stages import RECIPE_RUNNER, STAGES, training_stages
@@ -38,17 +38,19 @@ def objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 
 def run_stage(cfg: DictConfig) -> float | None:
-    run_dir = Path(cfg.paths.run_dir)
-    if runs.is_finished(run_dir):
-        if not cfg.rerun:
-            metrics = read_json(run_dir / runs.METRICS_FILE)
-            log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
-            return objective(cfg, metrics)
-        from pipeline.training import HISTORY_FILE
+    from pipeline.training import is_global_zero
 
-        for name in ("checkpoints", runs.METRICS_FILE, runs.MODEL_FILE, "wandb_id.txt", HISTORY_FILE):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir = Path(cfg.paths.run_dir)
+    if runs.is_finished(run_dir) and not cfg.rerun:
+        metrics = read_json(run_dir / runs.METRICS_FILE)
+        log.info("%s already holds a finished %s run; its metrics: %s (pass rerun=true to train it again)", run_dir, cfg.stage, metrics)
+        return objective(cfg, metrics)
+    if cfg.rerun and run_dir.is_dir() and is_global_zero():  # DDP's other ranks start later, into rank 0's fresh run
+        # Everything but this command's own config goes: checkpoints, history, and every cache made from
+        # the parents (the reward stage's policy pairs, the starting gold score), which may have changed.
+        for target in run_dir.iterdir():
+            if target.name != ".hydra":
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     metrics = STAGES[cfg.stage].module.run(cfg, run_dir)
     return objective(cfg, metrics)
 
@@ -122,17 +124,50 @@ def run_recipe(cfg: DictConfig) -> None:
     log.info("report: %s", report)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: the installed copy of the configs or the checkout's conf/ (pipeline/__init__.py).
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    console.setup()  # after Hydra set up logging; in every process: recipe stages and DDP ranks start here too
     try:
+        from pipeline.checks import check_config
+
+        check_config(cfg)  # bad values fail here, before any work (a recipe: before its first stage starts)
         if cfg.stage == RECIPE_RUNNER:
             return run_recipe(cfg)
-        return run_stage(cfg)
+        value = run_stage(cfg)
+        log.info("%s run directory: %s", cfg.stage, cfg.paths.run_dir)
+        return value
     except UserError as e:
-        log.error("%s", e)
+        log.error("%s", e, extra={console.FILE_ONLY: True})  # the console gets the one line below
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
+def one_line(message: str) -> str:
+    """Hydra's multi-line message as one line: options listed with commas, its search path and key details left out."""
+    message = message.split("\nConfig search path:")[0]
+    parts = []
+    for line in message.splitlines():
+        if line.startswith("\t"):
+            parts.append((" " if parts and parts[-1].endswith(":") else ", ") + line.strip())
+        elif line.strip() and not line.startswith("    "):  # '    full_key: ...' repeats what the message says
+            parts.append(" " + line.strip())
+    return "".join(parts).strip()
+
+
+def cli() -> None:
+    """`python -m pipeline`: Hydra's own refusals (an unknown key, group or option, a malformed override) also
+    end as one `error:` line and exit code 2, like every other bad input, instead of Hydra's exit 1."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra then raises its errors instead of printing and exiting 1
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

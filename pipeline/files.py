@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,3 +66,29 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class UnsafeFileError(Exception):
+    """A torch file that holds more than tensors and plain Python types: loading it could run code."""
+
+
+def load_tensors(path: Path, map_location: str = "cpu") -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, never code.
+
+    A pickle of anything else (a class, a function, an OmegaConf object) raises UnsafeFileError naming
+    the file and what it holds; every model file and checkpoint the pipeline writes loads this way.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:
+            raise  # not a pickle of ours at all (truncated, foreign bytes): the caller names the file
+        raise UnsafeFileError(
+            f"{path} holds Python objects other than tensors and plain types ({found.group(1)}); "
+            f"it is refused because loading it could run code (every file is loaded with torch.load(weights_only=True))"
+        ) from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 from pathlib import Path
 from typing import Sequence
@@ -26,14 +27,18 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_bytes
+from pipeline.files import UnsafeFileError, atomic_write_bytes, load_tensors
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.hf import grow_vocab, is_transformers_dir, load_transformers
 from pipeline.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 TOKENIZER_DIR = "tokenizer"
+# The layout of model.pt; a file written by a newer pipeline (a higher number) is refused, not misread.
+FORMAT_VERSION = 1
 
 
 def run_name(override_dirname: str) -> str:
@@ -66,18 +71,112 @@ def newest_finished_run(root: Path, stage: str) -> Path | None:
     return max(finished, key=lambda d: (d / METRICS_FILE).stat().st_mtime, default=None)
 
 
-def resolve_start(given: str | None, sources: Sequence[str], root: Path, stage: str, key: str = "init_from") -> Path:
-    """The model file a stage starts from: `given` if set, else the newest finished run of the first of `sources` that has one."""
+def resolve_start(given: str | None, sources: Sequence[str], root: Path, stage: str, key: str = "init_from", run_name: str | None = None) -> Path:
+    """The model file a stage starts from, and one line saying which and why.
+
+    `given` if set; else the run of the same name in the first of `sources` that has one finished
+    (`sft/default` for `ppo/default`: the runs of one command line belong together); else the newest
+    finished run of the first source that has one. When that newest run is a trial of a sweep, the
+    sweep's best trial by its objective is taken instead (never silently the latest trial), and where
+    no objective ranks the trials the user is asked to name one.
+    """
     if given:
-        return model_file(Path(given))
+        path, why = model_file(Path(given)), "given"
+    else:
+        path, why = implicit_parent(sources, Path(root), stage, key, run_name)
+    log.info("%s: %s=%s (%s)", stage, key, path, why)
+    return path
+
+
+def implicit_parent(sources: Sequence[str], root: Path, stage: str, key: str, run_name: str | None) -> tuple[Path, str]:
+    for source in sources:
+        if run_name and is_finished(root / source / run_name):
+            return root / source / run_name / MODEL_FILE, f"the {source} run of the same name"
     for source in sources:
         run = newest_finished_run(root, source)
-        if run is not None:
-            return run / MODEL_FILE
+        if run is None:
+            continue
+        if not is_sweep_trial(run):
+            return run / MODEL_FILE, f"the newest finished {source} run"
+        best, why = best_trial(root / source, source, key)
+        return best / MODEL_FILE, why
     raise UserError(
         f"no finished {'/'.join(sources)} run under {Path(root)} for stage '{stage}' to start from: "
         f"run `python -m pipeline stage={sources[0]}` first, or pass {key}=PATH"
     )
+
+
+def run_config(run_dir: Path, name: str = "config.yaml") -> dict:
+    """A run's saved Hydra file (.hydra/config.yaml or hydra.yaml) as plain data; empty when absent or unreadable."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / name
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    except Exception:
+        return {}
+
+
+def is_sweep_trial(run_dir: Path) -> bool:
+    return run_config(run_dir, "hydra.yaml").get("hydra", {}).get("mode") == "MULTIRUN"
+
+
+def best_trial(stage_dir: Path, source: str, key: str) -> tuple[Path, str]:
+    """The best finished sweep trial of a stage by the objective its config names (`objective`, `objective_direction`)."""
+    from pipeline.files import read_json
+
+    trials = [d for d in stage_dir.iterdir() if d.is_dir() and is_finished(d) and is_sweep_trial(d)]
+    scored = []
+    for trial in trials:
+        cfg = run_config(trial)
+        objective, direction = cfg.get("objective"), cfg.get("objective_direction", "maximize")
+        value = read_json(trial / METRICS_FILE).get(objective) if objective else None
+        if isinstance(value, (int, float)):
+            scored.append((value if direction == "maximize" else -value, trial, objective, direction))
+    if not scored:
+        raise UserError(
+            f"the newest {source} runs under {stage_dir} are trials of a sweep without an objective to rank them; "
+            f"name the one to start from with {key}=PATH"
+        )
+    _, trial, objective, direction = max(scored, key=lambda t: t[0])
+    return trial, f"the best of {len(trials)} {source} sweep trials by {objective} ({direction})"
+
+
+def digest(path: Path) -> str:
+    """sha256 of a model file, or of every file of a folder (a transformers model), in name order: what a run started from."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def parent_record(**parents: Path) -> dict:
+    """{key: {"path": ..., "sha256": ...}} for metrics.json: which files, byte for byte, a run started from."""
+    return {key: {"path": str(path), "sha256": digest(path)} for key, path in parents.items() if path is not None}
+
+
+def check_parents(run_dir: Path, record: dict) -> None:
+    """A run directory remembers its parents' digests; resuming it from other parents is refused, not mixed.
+
+    Its checkpoints and its cached samples (the reward stage's policy pairs, the starting gold
+    score) were made from those parents, so a run from new parents must start afresh (`rerun=true`).
+    """
+    from pipeline.files import read_json, write_json
+
+    path = Path(run_dir) / "parents.json"
+    if path.is_file():
+        saved = read_json(path)
+        changed = [k for k in record if k in saved and saved[k]["sha256"] != record[k]["sha256"]]
+        if changed:
+            details = "; ".join(f"{k}={record[k]['path']} differs from the {saved[k]['path']} it started from" for k in changed)
+            raise UserError(f"{run_dir} holds a run started from other parents ({details}): pass rerun=true to start it again")
+    write_json(path, record)
 
 
 def model_file(path: Path) -> Path:
@@ -98,7 +197,7 @@ def model_file(path: Path) -> Path:
 def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None) -> None:
     """Write a finished model (config + weights, float32 for portability) atomically."""
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    payload = {"config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
+    payload = {"format": FORMAT_VERSION, "config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
@@ -109,11 +208,10 @@ def load_model_payload(path: Path) -> dict:
     path = Path(path)
     if is_transformers_dir(path):
         return load_transformers(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise UserError(f"cannot read model file {path}: {type(e).__name__}: {e}") from None
+    payload = load_file(path, "model file")
     if isinstance(payload, dict) and "config" in payload and "state_dict" in payload:
+        if int(payload.get("format", 1)) > FORMAT_VERSION:
+            raise UserError(f"{path} was written by a newer version of the pipeline (model file format {payload['format']}; this one reads up to {FORMAT_VERSION}): upgrade it")
         return payload
     if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
         hp = payload["hyper_parameters"]
@@ -126,6 +224,18 @@ def load_model_payload(path: Path) -> dict:
         state = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
         return {"config": config, "state_dict": state, "kind": kind, "extra": {}}
     raise UserError(f"{path} is neither a model.pt of this pipeline nor a Lightning checkpoint of one of its stages")
+
+
+def load_file(path: Path, what: str = "file") -> object:
+    """A model file or checkpoint through load_tensors: one clear error for an unsafe, truncated or foreign file."""
+    try:
+        return load_tensors(path)
+    except UnsafeFileError as e:
+        raise UserError(str(e)) from None
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: no such file") from None
+    except Exception as e:  # a truncated or foreign file: say which
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
 
 
 def build_model(payload: dict, cls: type[GPT] = GPT, source: Path | str = "", **config_updates) -> GPT:
@@ -157,25 +267,42 @@ def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage: str, cls: type[GPT] = GPT, **config_updates):
-    """What a stage starts from: (model, tokenizer, payload, path), from init_from or the newest run of `sources`.
+def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage: str, cls: type[GPT] = GPT, run_name: str | None = None, **config_updates):
+    """What a stage starts from: (model, tokenizer, payload, path), from init_from or the parent run resolve_start picks.
 
     The tokenizer is the one saved beside the model (run_dir/tokenizer/), or a transformers folder's
     own, so a stage can never pair weights with a different vocabulary.
     """
-    path = resolve_start(init_from, sources, root, stage)
+    path = resolve_start(init_from, sources, root, stage, run_name=run_name)
     payload = load_model_payload(path)
-    # A transformers folder holds its tokenizer files itself.
-    candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
-    tokenizer_dir = next((c for c in candidates if c.is_dir()), None)
-    if tokenizer_dir is None:
-        raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_start_tokenizer(path)
     vocab_size = payload["config"]["vocab_size"]
     if len(tokenizer) > vocab_size and path.is_dir():
         # A foreign tokenizer gained our pad, BOS and role tokens in load_tokenizer: give them embedding rows.
         payload = grow_vocab(payload, len(tokenizer))
     elif len(tokenizer) > vocab_size:
-        raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
+        raise UserError(f"the tokenizer beside {path} has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
     model = build_model(payload, cls, path, **config_updates)
     return model, tokenizer, payload, path
+
+
+def tokenizer_dir_of(path: Path) -> Path:
+    """The tokenizer folder that belongs to a model file: run_dir/tokenizer/, or a transformers folder itself."""
+    path = Path(path)
+    candidates = [path] if path.is_dir() else [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        raise UserError(f"no {TOKENIZER_DIR}/ folder beside {path}: a stage run saves its tokenizer there")
+    return found
+
+
+def load_start_tokenizer(path: Path):
+    return load_tokenizer(tokenizer_dir_of(path))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides the token ids: the vocabulary and merges, the special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = repr((tokenizer.all_special_tokens, getattr(tokenizer, "chat_template", None)))
+    return hashlib.sha256((body + extra).encode()).hexdigest()

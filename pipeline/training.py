@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import re
 import time
 import uuid
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 import hydra
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from pipeline import runs
-from pipeline.data.samplers import GroupedSampler
+from pipeline.data.samplers import GroupedSampler, ResumableSampler, ShuffledSampler
 from pipeline.errors import UserError
 from pipeline.files import read_json, write_json
 from pipeline.losses.lm import next_token_loss
@@ -41,6 +43,13 @@ def model_config_from(cfg_model: DictConfig, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_dict(arch)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def schedule_steps(module: pl.LightningModule, max_steps: int) -> int:
+    """The optimiser steps the schedule spans: trainer.max_steps, or (max_steps=-1) what the epochs come to."""
+    if max_steps and max_steps > 0:
+        return int(max_steps)
+    return max(1, int(module.trainer.estimated_stepping_batches))
 
 
 def adamw_with_schedule(module: torch.nn.Module, opt: DictConfig, max_steps: int) -> dict:
@@ -96,6 +105,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, parents: Sequence[Path] = ()) ->
         log_model=bool(cfg.logger.log_model),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes anonymous=None, which W&B warns has no effect
     if is_global_zero():
         for path in parents:
             use_model_artifact(logger, path)
@@ -215,6 +225,10 @@ class Throughput(Callback):
         self.tokens = 0
         self.seconds = 0.0
         self._start = None
+        self._first_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._first_step = trainer.global_step  # a resumed run pays for warm-up again
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
@@ -224,7 +238,7 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if trainer.global_step <= self.skip_steps or self._start is None:
+        if trainer.global_step - self._first_step <= self.skip_steps or self._start is None:
             return
         self.seconds += time.perf_counter() - self._start
         self.tokens += int(batch["input_ids"].numel()) * trainer.world_size
@@ -254,7 +268,15 @@ class Batches(pl.LightningDataModule):
     """Train and validation sets with their collate function: shuffled, full batches for training.
 
     With `lengths` (one per training row) training batches group rows of similar length, and with
-    `groups` (a key per row) rows sharing a key stay together (GroupedSampler); otherwise plain shuffling.
+    `groups` (a key per row) rows sharing a key stay together (GroupedSampler); otherwise plain
+    shuffling (ShuffledSampler). Both orders are seeded; a ResumableSampler deals their batches to the ranks.
+
+    The checkpoint records where training stands in the data (the epoch and the batches of it already
+    trained on), so a resumed run goes on mid-epoch with the batches an uninterrupted run meets next.
+    The position is read from the fit loop's progress rather than asked of the loader: Lightning draws
+    one batch ahead, so a loader cannot tell the batch it has handed out from those trained on
+    (torchdata's StatefulDataLoader loses that batch on resume), and Lightning drops a loader's saved
+    state when configure_optimizers reads trainer.estimated_stepping_batches (Lightning #20550).
     """
 
     def __init__(self, train, val, batch_size: int, collate=None, num_workers: int = 0, lengths: list[int] | None = None, groups: list | None = None, seed: int = 0):
@@ -262,16 +284,112 @@ class Batches(pl.LightningDataModule):
         self.train_set, self.val_set = train, val
         self.batch_size, self.collate, self.num_workers = batch_size, collate, num_workers
         self.lengths, self.groups, self.seed = lengths, groups, seed
+        self.resume_at: dict | None = None  # the position of the checkpoint being resumed, until the loader is built
 
     def train_dataloader(self):
         if self.lengths is None and self.groups is None:
-            order = {"shuffle": True}
+            source = ShuffledSampler(len(self.train_set), self.seed)
         else:
-            order = {"sampler": GroupedSampler(self.batch_size, self.lengths, self.groups, self.seed)}
-        return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers, **order)
+            source = GroupedSampler(self.batch_size, self.lengths, self.groups, self.seed)
+        trainer = self.trainer
+        sampler = ResumableSampler(source, self.batch_size, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0)
+        if self.resume_at:
+            sampler.resume(self.resume_at["epoch"], self.resume_at["batches"])
+            self.resume_at = None
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def state_dict(self) -> dict:
+        """{"epoch": the epoch under way, "batches": its batches already trained on, over all ranks}."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # started - 1: current_epoch already counts an epoch whose last batch is done, before the next one starts.
+        epoch = max(0, trainer.fit_loop.epoch_progress.current.started - 1)
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # that epoch is over: the next one starts at its beginning
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches * trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_at = dict(state_dict)
+
+
+class ExactResume(Callback):
+    """Every random number generator in the checkpoint, each rank's own, put back when training resumes.
+
+    Dropout draws from torch's generator, user code from Python's or NumPy's. With these, the data
+    position (Batches.state_dict) and what Lightning restores itself (weights, optimiser, schedule,
+    loops, checkpoint scores), a resumed run computes what the uninterrupted run would have. They are
+    put back at on_train_start, after Lightning has built the training iterator (which draws a seed
+    from torch's generator), so that the next draw is the one the uninterrupted run made next.
+    Under DDP the ranks' generators part ways (dropout on batches of different widths), so every rank's
+    are gathered into the checkpoint: Lightning builds a checkpoint on every rank and writes rank 0's.
+    Tensors and plain lists only: the checkpoint loads with weights_only=True.
+    """
+
+    def __init__(self):
+        self.pending: list[dict] | None = None
+
+    @staticmethod
+    def generators() -> dict:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if cuda else None,  # this rank's device alone: no context on the others
+            "python": random.getstate(),
+            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        }
+
+    def state_dict(self) -> dict:
+        ranks = [self.generators()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, self.generators())
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.pending = state_dict["ranks"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ranks, self.pending = self.pending, None
+        if not ranks:
+            return
+        state = ranks[trainer.global_rank % len(ranks)]  # another world size cannot resume exactly anyway
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class FiniteGuard(Callback):
+    """Stop a stage at the first non-finite gradient, before the optimiser step spoils the weights.
+
+    The check runs after the backward pass, where DDP has already averaged the gradients, so every
+    rank sees the same verdict at the same step and all stop together (none waits in a collective).
+    The checkpoints written so far hold the last good weights; nothing overwrites them.
+    """
+
+    def __init__(self, stage: str = "training"):
+        self.stage = stage
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        total = torch.stack([g.detach().float().abs().sum() for g in grads]).sum()
+        if not torch.isfinite(total):
+            last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            kept = f"the last good checkpoint is kept ({last})" if last.is_file() else "no checkpoint had been written yet"
+            raise UserError(
+                f"{self.stage} diverged at step {trainer.global_step}: non-finite gradients; "
+                f"{kept}. Lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val"
+            )
 
 
 def is_global_zero() -> bool:
@@ -311,7 +429,7 @@ def build_trainer(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), *callbacks]
     logger = make_logger(cfg, run_dir, parents)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
@@ -334,11 +452,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, model_config: dict | None 
         path = run_dir / "checkpoints" / "last.ckpt"
         if not path.is_file():
             return None
+    # Read here first (weights only), so that an unsafe, truncated or foreign file is one clear error, not Lightning's traceback.
+    checkpoint = runs.load_file(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint of a training run (no state_dict or loop state)")
     if model_config is not None:
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("model_config")
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        saved = checkpoint.get("hyper_parameters", {}).get("model_config")
         # Compared key by key: a checkpoint from before a new config field (saved without it, default None) still fits.
         diff = {} if saved is None else {k: (saved.get(k), model_config.get(k)) for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)}
         if diff:
@@ -396,7 +515,7 @@ def load_best(module: pl.LightningModule, checkpoint: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights (by the monitored figure) into module: the final figures and model.pt are of those."""
     best = checkpoint.best_model_path
     if best and Path(best).is_file():
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(runs.load_file(Path(best), "checkpoint")["state_dict"])
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -462,4 +581,4 @@ class LanguageModelModule(pl.LightningModule):
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
 
     def configure_optimizers(self):
-        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)
+        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), schedule_steps(self, self.hparams.max_steps))

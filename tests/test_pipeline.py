@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+from console_lines import noise
 from helpers import run_pipeline
 from wandb_records import artifacts, logged_metrics, read_records, run_file
 
@@ -30,13 +32,16 @@ TINY_ALL = [
     "ppo.eval_prompts=4",
     "ppo.max_new_tokens=8",
     "ppo.eval_every=1",
+    "ppo.save_every=1",  # PPO's own checkpoint saves, whose console notices tests/console_lines.py rules out
     "trainer.log_every_n_steps=1",
     'recipe.overrides.reward=["trainer.max_steps=5"]',  # reaches the reward stage alone
 ]
 
 
+@pytest.mark.slow
 def test_whole_pipeline_chains_the_stages_records_lineage_writes_its_report_and_resumes_by_skipping(outputs_root):
-    run_pipeline(*TINY_ALL, root=outputs_root, timeout=900)
+    first = run_pipeline(*TINY_ALL, root=outputs_root, timeout=900)
+    assert noise(first.stdout + first.stderr) == []  # every stage, PPO's checkpoint saves and frozen models too
     names = {stage: [d for d in (outputs_root / stage).iterdir() if d.is_dir()] for stage in ("pretrain", "sft", "reward", "ppo")}
     assert all(len(dirs) == 1 for dirs in names.values()), names
     name = names["pretrain"][0].name

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO, TINY, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-import pipeline.__main__  # noqa: F401  (registers the run_name resolver the config uses)
-from helpers import REPO, TINY, run_pipeline
 from wandb_records import read_records, run_file
 
+import pipeline.__main__  # noqa: F401  (registers the run_name resolver the config uses)
 
 # The embedded preference pairs need more context than helpers.TINY's 64 tokens.
 TINY_128 = [o for o in TINY if not o.startswith("model.block_size=")] + ["model.block_size=128"]
 
 
+@pytest.mark.slow
 def test_sweep_jobs_get_their_own_directories_and_wandb_runs_and_optuna_ranks_the_objective(corpus, outputs_root):
     result = run_pipeline(
         "-m", "stage=pretrain", "optim.lr=1e-3,3e-3", f"data.path={corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY_128,

@@ -60,3 +60,66 @@ def test_grouped_sampler_pads_less_keeps_groups_together_and_still_shuffles_ever
     assert [groups[i] for i in order[::6]] != sorted(groups[i] for i in order[::6])  # groups come in a shuffled order
     unsorted = list(GroupedSampler(batch, None, groups, seed=1))  # no lengths: groups kept together, no sorting by width
     assert sorted(unsorted) == list(range(996)) and max(len({groups[i] for i in unsorted[s : s + batch]}) for s in range(0, 992, batch)) <= 4
+
+
+# -- the schedule and the divergence guard ----------------------------------------------------------
+
+
+def lm_trainer(tmp_path, **kw):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pipeline.training import FiniteGuard
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
+    return pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=str(tmp_path), callbacks=[checkpoint, FiniteGuard("pretrain")], **kw,
+    )
+
+
+def lm_module(max_steps: int):
+    import torch
+
+    from pipeline.model import GPTConfig
+    from pipeline.training import LanguageModelModule
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16).to_dict()
+    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 2, "min_lr_ratio": 0.1}
+    return LanguageModelModule(config, optim, max_steps=max_steps)
+
+
+def lm_batches(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 64, (9,), generator=g)} for _ in range(n)], batch_size=2)
+
+
+def test_with_max_steps_minus_one_the_schedule_spans_the_epochs(tmp_path):
+    module = lm_module(max_steps=-1)
+    trainer = lm_trainer(tmp_path, max_epochs=2, max_steps=-1)
+    trainer.fit(module, lm_batches(10))  # 5 steps an epoch, 10 in all
+    assert trainer.global_step == 10
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    # Cosine from 1e-3 after 2 warm-up steps to the floor (0.1 x) at step 10: half way down at step 6.
+    factor = scheduler.lr_lambdas[0]
+    assert abs(factor(6) - (0.1 + 0.9 * 0.5)) < 1e-9 and abs(factor(10) - 0.1) < 1e-9 and factor(3) > 0.9
+
+
+def test_a_non_finite_gradient_stops_the_stage_before_it_spoils_the_last_checkpoint(tmp_path):
+    import pytest
+    import torch
+
+    from pipeline.errors import UserError
+
+    module = lm_module(max_steps=8)
+    real_loss = module.loss
+    module.loss = lambda batch: real_loss(batch) * (float("nan") if module.global_step == 3 else 1.0)
+    with pytest.raises(UserError, match=r"pretrain diverged at step 3: non-finite gradients; the last good checkpoint is kept"):
+        lm_trainer(tmp_path, max_steps=8).fit(module, lm_batches(16))
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the optimiser never took the NaN step

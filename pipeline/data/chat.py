@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 
-from pipeline.data.loading import DataFormat
+from pipeline.data.loading import DataFormat, source_row
 from pipeline.errors import UserError
 from pipeline.losses.lm import IGNORE
 
@@ -93,7 +93,7 @@ def tokenize_sft(ds, tokenizer, fmt, loss_on: str, max_len: int, source: str):
         ids, labels, prompt_len = encode_example(tokenizer, row, fmt, loss_on)
         if prompt_len >= max_len:
             raise UserError(
-                f"{source}: row {index} has a prompt of {prompt_len} tokens, which leaves no room for the answer "
+                f"{source}: row {source_row(ds, index)} has a prompt of {prompt_len} tokens, which leaves no room for the answer "
                 f"in the model's context of {max_len - 1} tokens"
             )
         return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": len(ids) > max_len}
@@ -140,7 +140,7 @@ def encode_pairs(ds, tokenizer, fmt: DataFormat, max_len: int, source: str):
         if prompt is not None:
             prompt_len = len(once((head,), lambda: prompt_ids(tokenizer, prompt)))
             if prompt_len >= max_len:
-                raise UserError(f"{source}: row {index} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
+                raise UserError(f"{source}: row {source_row(ds, index)} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
         gold = 0.0
         if has_gold:
             gold = float((row["chosen_gold"] > row["rejected_gold"]) - (row["chosen_gold"] < row["rejected_gold"]))

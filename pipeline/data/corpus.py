@@ -112,15 +112,27 @@ def materialize(rows_by_split: dict[str, list[dict]], directory: str | Path) -> 
     return directory
 
 
-def embedded_task(cache_dir: Path, kind: str) -> Path:
-    """The embedded instruction task's files of one kind (sft, preference, prompts), written on first use."""
+def embedded_task_dir(cache_dir: Path, kind: str) -> Path:
+    """Where the embedded task's files of one kind (sft, preference, prompts) live under the outputs cache."""
     from pipeline.tasks import default_task
 
-    task = default_task()
-    directory = Path(cache_dir) / f"embedded/task-{task.VERSION}/{kind}"
+    return Path(cache_dir) / f"embedded/task-{default_task().VERSION}/{kind}"
+
+
+def embedded_task(cache_dir: Path, kind: str) -> Path:
+    """The embedded instruction task's files of one kind (sft, preference, prompts), written on first use.
+
+    Building the rows takes most of a minute and yields every kind at once, so all kinds are
+    written then: the stages after the first (and its gold prompts) find theirs ready.
+    """
+    from pipeline.tasks import default_task
+
+    directory = embedded_task_dir(cache_dir, kind)
     if all((directory / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
         return directory
-    return materialize(task.default_rows()[kind], directory)
+    for each, rows in default_task().default_rows().items():
+        materialize(rows, embedded_task_dir(cache_dir, each))
+    return directory
 
 
 def load_corpus(cfg) -> tuple[object, str]:

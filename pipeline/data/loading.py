@@ -14,6 +14,7 @@ TRL's formats (each standard = strings, or conversational = lists of {role, cont
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def _short(value, limit: int = 200) -> str:
 # Loading
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A local path rather than a hub name: hub names are 'name' or 'org/name'; '/x', './x', 'a/b/c', 'x.jsonl' are paths."""
     return (
         name.startswith(("/", ".", "~"))
@@ -166,6 +167,9 @@ def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None
     try:
         ds = datasets.load_dataset(builder, data_files={s: [str(f) for f in fs] for s, fs in files.items()}, cache_dir=cache_dir, **options)
     except Exception as e:  # datasets raises many types for an unreadable file; all mean the same to the user
+        where = _json_problem([f for fs in files.values() for f in fs]) if builder == "json" else None
+        if where:
+            raise UserError(f"{where}; expected one JSON object per line, or a JSON array of objects") from None
         raise UserError(f"cannot read {source} as {builder} ({_reason(e)}); expected a {'/'.join(sorted(k for k, v in FILE_TYPES.items() if v == builder))} file in one of TRL's dataset formats") from None
     if builder == "text":
         ds = ds.map(_tidy_paragraphs, batched=True, remove_columns=["text"], desc="splitting paragraphs")
@@ -174,6 +178,46 @@ def _load_files(files: dict[str, list[Path]], source: str, cache_dir: str | None
             names = ", ".join(str(f) for f in files[split])
             raise UserError(f"data file {names} holds no rows; expected rows in one of TRL's dataset formats")
     return ds
+
+
+def _json_problem(files: list[Path]) -> str | None:
+    """The first place where a .json/.jsonl file is not rows of JSON, by line: datasets' parser gives a byte offset at best.
+
+    A file holds either one JSON document (an array of row objects, or one object) or JSON lines
+    (an object per line). None when every file looks right, and the problem is something else.
+    """
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            return f"{file}: not UTF-8 text (byte {e.start}: {e.reason})"
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            error = e
+        else:
+            if isinstance(whole, list):
+                bad = next((i for i, row in enumerate(whole) if not isinstance(row, dict)), None)
+                if bad is not None:
+                    return f"{file}, element {bad} of the array: expected a JSON object (one row), got {_short(whole[bad])}"
+            elif not isinstance(whole, dict):
+                return f"{file}: holds a single JSON {type(whole).__name__} ({_short(whole)}), not rows"
+            continue
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON lines: one document, broken where the parser stopped
+            return f"{file}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg.removesuffix(' starting at')})"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{file}, line {number}, column {e.colno}: not valid JSON ({e.msg.removesuffix(' starting at')})"
+            if not isinstance(row, dict):
+                return f"{file}, line {number}: expected a JSON object (one row), got {_short(row)}"
+    return None
 
 
 def _load_saved(path: Path):
@@ -254,7 +298,7 @@ def load_data(
     local = Path(source).expanduser()
     if local.exists():
         ds = _load_local(local, cache)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise UserError(f"data path {source} does not exist; expected a .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a folder written by save_to_disk")
     else:
         ds = _load_hub(source, cache)
@@ -441,7 +485,7 @@ def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> No
 
     Whole columns are screened with Arrow compute in batches (100k rows take well under a second);
     the rows it flags, and columns Arrow cannot screen, are checked in Python, which words the
-    error: the row's index in `dataset`, the column, and what was expected.
+    error: the row (source_row: its index in the data as loaded), the column, and what was expected.
     """
     missing = [c for c in fmt.columns if c not in dataset.column_names]
     if missing:
@@ -454,6 +498,7 @@ def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> No
         for column in fmt.columns:
             needs_answer = column in ANSWER_COLUMNS
             values = batch.column(column).combine_chunks()
+            _require_utf8(values, view, dataset, start, column, source)
             if fmt.conversational:
                 suspect = _suspect_message_rows(values, needs_answer)
                 problem_of = lambda value: _messages_problem(value, needs_answer)  # noqa: E731
@@ -469,7 +514,32 @@ def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> No
                 if problem:
                     # Problems with one message read "message j: ...", which continues the location.
                     joint = ", " if problem.startswith("message ") else ": "
-                    raise UserError(f"{source}, row {start + i}, column '{column}'{joint}{problem}")
+                    raise UserError(f"{source}, row {source_row(dataset, start + i)}, column '{column}'{joint}{problem}")
+
+
+def source_row(dataset, position: int) -> int:
+    """The row of the data as loaded that a split's `position` holds, for messages that name a row.
+
+    load_data carves validation out of a shuffled train split (an indices mapping over the loaded
+    rows); a message must point at the user's row, not at a place in the shuffle.
+    """
+    indices = getattr(dataset, "_indices", None)
+    return position if indices is None else int(indices.column(0)[position].as_py())
+
+
+def _require_utf8(values: pa.Array, view, dataset, start: int, column: str, source: str) -> None:
+    """pyarrow reads bytes that are not UTF-8 into a text column without a word; reading them later fails deep inside."""
+    import pyarrow as pa
+
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        for i in range(len(values)):
+            try:
+                view[start + i][column]
+            except UnicodeDecodeError:
+                raise UserError(f"{source}, row {source_row(dataset, start + i)}, column '{column}': not UTF-8 text") from None
+        raise UserError(f"{source}, column '{column}': not UTF-8 text") from None
 
 
 def datasets_cache(cfg) -> str:

@@ -1,11 +1,48 @@
-"""Samplers: the order in which training rows meet, and which rows share a batch."""
+"""Samplers: the order in which training rows meet, and which rows share a batch.
+
+Every order here is a function of (seed, epoch) alone, never of a global generator, so a resumed
+run can recompute the order of the epoch it stopped in and skip what it already trained on.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DistributedSampler
 
 
-class GroupedSampler(torch.utils.data.Sampler):
+class EpochSampler(torch.utils.data.Sampler):
+    """A sampler whose order of each epoch is `order(epoch)`, a pure function of the seed and the epoch."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+
+    def order(self, epoch: int) -> list[int]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1  # a fresh order each pass even where nobody calls set_epoch
+        yield from self.order(epoch)
+
+
+class ShuffledSampler(EpochSampler):
+    """Plain shuffling from a generator of its own (RandomSampler draws its seed from torch's global one)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+
+class GroupedSampler(EpochSampler):
     """Shuffled indices in which rows of one group stay together and each batch holds rows of similar length.
 
     Each epoch: shuffle the groups (rows sharing a `groups` key; each row its own group without
@@ -13,8 +50,8 @@ class GroupedSampler(torch.utils.data.Sampler):
     row (longest first, stable, so no lengths means no sorting), cut the chunks into batches and
     shuffle the order of the batches. Rows meet in random company and order, as with plain
     shuffling, but a batch's rows share a width, and a prompt's pairs share a batch (a group longer
-    than a batch, or one that straddles a chunk's batch edge, is split). Under DDP Lightning deals
-    the indices out in turn, so each rank's batch comes from a few adjacent ones.
+    than a batch, or one that straddles a chunk's batch edge, is split). In training, ResumableSampler
+    deals these batches out whole to the ranks.
     """
 
     def __init__(self, batch_size: int, lengths: list[int] | None = None, groups: list | None = None, seed: int = 0, chunk: int = 32):
@@ -28,15 +65,8 @@ class GroupedSampler(torch.utils.data.Sampler):
         self.widths = [max(lengths[i] for i in unit) for unit in self.units] if lengths is not None else [0] * len(self.units)
         self.n, self.batch_size, self.seed, self.chunk, self.epoch = n, batch_size, seed, chunk, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1  # a fresh order each pass even where nobody calls set_epoch
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.units), generator=g).tolist()
         rows_per_chunk = self.batch_size * self.chunk
         batches, chunk, size = [], [], 0
@@ -50,6 +80,40 @@ class GroupedSampler(torch.utils.data.Sampler):
                 chunk, size = [], 0
         full = [b for b in batches if len(b) == self.batch_size]
         rest = [i for b in batches if len(b) < self.batch_size for i in b]
-        for i in torch.randperm(len(full), generator=g).tolist():
-            yield from full[i]
-        yield from rest  # short batches last, dropped by drop_last
+        return [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]] + rest  # short batches last, dropped by drop_last
+
+
+class ResumableSampler(DistributedSampler):
+    """One rank's share of an EpochSampler's order, in whole batches, able to start in the middle of an epoch.
+
+    The epoch's order is cut into full batches (the short rest dropped, as drop_last would) and the
+    batches are dealt out to the ranks in turn, so a batch's rows (of one width, a prompt's pairs)
+    stay together on one rank. `resume(epoch, batches)` makes the next pass start after the first
+    `batches` batches of that epoch (counted over all ranks), without loading them.
+
+    It is a DistributedSampler so that Lightning leaves it alone under DDP: its DistributedSamplerWrapper
+    would reshuffle our rows across ranks, and after a resume it would replay the first epoch's order,
+    since it sets the epoch only after the first batch is drawn. Under one process it is the source's order.
+    """
+
+    def __init__(self, source: EpochSampler, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(len(source)), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+        self.source, self.batch_size, self.skip = source, batch_size, 0
+
+    @property
+    def batches_per_rank(self) -> int:
+        return len(self.source) // self.batch_size // self.num_replicas
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.batch_size
+
+    def resume(self, epoch: int, batches: int) -> None:
+        self.epoch, self.skip = epoch, batches
+
+    def __iter__(self):
+        order = self.source.order(self.epoch)
+        skip, self.skip = self.skip, 0
+        total = len(order) // self.batch_size
+        for k in range((total - skip) // self.num_replicas):
+            b = skip + k * self.num_replicas + self.rank
+            yield from order[b * self.batch_size : (b + 1) * self.batch_size]

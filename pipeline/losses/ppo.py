@@ -20,10 +20,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Zero mean (unless shift_mean is False, which keeps the mean) and unit variance over masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce=None) -> torch.Tensor:
+    """Zero mean (unless shift_mean is False, which keeps the mean) and unit variance over masked entries.
+
+    all_reduce (a sum over DDP ranks) makes the statistics those of every rank's entries together,
+    so that N processes whiten exactly as one process with all N batches would.
+    """
+    total = all_reduce or (lambda t: t)
+    count = total(mask.sum()).clamp_min(1)
+    mean = total((x * mask).sum()) / count
+    var = total((((x - mean) ** 2) * mask).sum()) / count
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

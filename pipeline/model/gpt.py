@@ -17,6 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _is_number(value, integer: bool = False) -> bool:
+    """An int (or float unless `integer`), never a bool: a config value from a command line may be any of them."""
+    return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096  # rows of the embedding; the tokenizer's size rounded up to a multiple of 64
@@ -39,6 +44,16 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        # Sizes first: the divisibility checks below would divide by a zero head count.
+        sizes = ["vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"] + (["mlp_hidden_size"] if self.mlp_hidden_size is not None else [])
+        for name in sizes:
+            if not _is_number(getattr(self, name), integer=True) or getattr(self, name) < 1:
+                raise ValueError(f"model config: {name}={getattr(self, name)!r} must be an integer >= 1")
+        for name in ("mlp_ratio", "rope_theta", "norm_eps"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ValueError(f"model config: {name}={getattr(self, name)!r} must be > 0")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ValueError(f"model config: dropout={self.dropout!r} must be in [0, 1)")
         checks = [
             (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}"),

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
-    model, tokenizer, payload, path = runs.load_start(cfg.init_from, STAGES["export"].starts_from, Path(cfg.paths.root), "export")
+    model, tokenizer, payload, path = runs.load_start(cfg.init_from, STAGES["export"].starts_from, Path(cfg.paths.root), "export", run_name=run_dir.name)
     out_dir = Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir / "hf"
     if payload.get("kind") == "scalar":
         # Our score head has a bias; transformers' *ForSequenceClassification heads have none, so only the backbone goes.
@@ -35,6 +35,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "stage": "export",
         "source": str(path),
         "source_stage": payload.get("stage"),
+        "parents": runs.parent_record(init_from=path),
         "out_dir": str(out_dir),
         "model/params": model.num_params(),
         "time/total_s": time.time() - started,

@@ -32,6 +32,7 @@ from pipeline import runs
 from pipeline.data import DataFormat, load_stage_data, validate_rows
 from pipeline.data.chat import prompt_ids, prompt_text
 from pipeline.data.corpus import embedded_task, load_corpus
+from pipeline.data.loading import source_row
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
 from pipeline.files import read_json, write_json
@@ -97,7 +98,6 @@ class PPOModule(pl.LightningModule):
         self.iteration = 0
         self.history: list[dict] = []  # eval figures over training: the over-optimisation curve
         self.ema = None
-        self.sample_generator = None
         self.ptx_blocks: torch.Tensor | None = None  # (N, L + 1) token blocks of pretraining text for PPO-ptx
 
     def ptx_loss(self, iteration: int, minibatch: int) -> torch.Tensor:
@@ -124,11 +124,37 @@ class PPOModule(pl.LightningModule):
         return [self.prompts[i] for i in order[start : start + B].tolist()]
 
     def on_fit_start(self) -> None:
-        # Different samples on each rank; the generator's state travels in the checkpoint.
-        if self.sample_generator is None:
-            self.sample_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * self.trainer.global_rank)
         if self.cfg.ema_decay and self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
+
+    def sample_generator(self, iteration: int, purpose: int = 0) -> torch.Generator:
+        """The sampling generator of one rank at one iteration, from (seed, rank, iteration) alone.
+
+        Each rank samples differently, and a resumed run (any number of processes) draws exactly what
+        the uninterrupted one drew, with no generator state to save.
+        """
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        seed = (self.hparams.seed * 1_000_003 + rank * 7919 + iteration * 104_729 + purpose * 15_485_863) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # -- the ranks agree ---------------------------------------------------------------------
+
+    def world_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the DDP ranks (x itself on one process)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return x
+        return trainer.strategy.reduce(x.detach().clone(), reduce_op="sum")
+
+    def world_mean(self, x: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer
+        return self.world_sum(x) / (trainer.world_size if trainer is not None else 1)
+
+    def check_finite(self, what: str, *tensors: torch.Tensor) -> None:
+        """Stop every rank when any rank holds a non-finite value: all ranks reach this check, so none hangs in a collective."""
+        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in tensors)), device=self.device)
+        if float(self.world_sum(bad)) > 0:
+            self.diverged(what)
 
     # -- rollout ---------------------------------------------------------------------------
 
@@ -149,7 +175,7 @@ class PPOModule(pl.LightningModule):
         return token_logprobs(logits, response, self.cfg.temperature), logits
 
     @torch.no_grad()
-    def rollout(self, prompts: list[list[int]]) -> Rollout:
+    def rollout(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> Rollout:
         tok_pad, eos = self.hparams.pad_id, self.hparams.eos_id
         ids, mask = left_pad(prompts, tok_pad, self.device)
         self.actor.eval()
@@ -158,12 +184,10 @@ class PPOModule(pl.LightningModule):
             ids,
             mask,
             max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            top_k=self.cfg.top_k or None,
-            top_p=self.cfg.top_p if self.cfg.top_p < 1.0 else None,
+            temperature=self.cfg.temperature,  # no top-k / top-p: the stored log-probs are of this distribution (checks.py refuses them)
             eos_id=eos,
             pad_id=tok_pad,
-            generator=self.sample_generator,
+            generator=generator if generator is not None else self.sample_generator(self.iteration),
         )
         response, response_mask = truncate_after_eos(gen.tokens, gen.mask, eos, tok_pad)
         sequences = torch.cat([ids, response], dim=1)
@@ -206,11 +230,10 @@ class PPOModule(pl.LightningModule):
         cfg, mask = self.cfg, roll.response_mask
         rewards, kl = assemble_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.world_sum)
         advantages, returns = gae(roll.values, rewards, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
-        if not (torch.isfinite(advantages).all() and torch.isfinite(returns).all()):
-            self.diverged("advantages or returns")
+        advantages = masked_whiten(advantages, mask, all_reduce=self.world_sum)  # over every rank's batch, as on one process
+        self.check_finite("advantages or returns", advantages, returns)
         return kl, advantages, returns
 
     def update(self, roll: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -232,15 +255,16 @@ class PPOModule(pl.LightningModule):
                 new_values = self.critic(seqs, attention_mask=att)[:, roll.prompt_len - 1 : -1].float()
                 pg, clipfrac, approxkl = policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], m, cfg.clip_ratio)
                 vf, vf_clipfrac = value_loss(new_values, roll.values[idx], returns[idx], m, cfg.value_clip)
-                entropy = masked_mean(entropy_from_logits(logits), m)
+                # The entropy of the distribution that samples (under the temperature); outside the graph when it carries no loss.
+                with torch.set_grad_enabled(bool(cfg.entropy_coef)):
+                    entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), m)
                 loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * entropy
                 if use_ptx:
                     ptx = self.ptx_loss(self.iteration, minibatch)
                     loss = loss + cfg.ptx_coef * ptx
                     stats["ptx"].append(ptx.detach())
                 minibatch += 1
-                if not torch.isfinite(loss):
-                    self.diverged("loss")
+                self.check_finite("loss", loss)
                 opt_actor.zero_grad()
                 opt_critic.zero_grad()
                 self.manual_backward(loss)  # one backward through actor and critic keeps DDP's gradient sync in one pass
@@ -266,7 +290,7 @@ class PPOModule(pl.LightningModule):
         """Move the KL controller, warn on large steps, and log the iteration under TRL's metric names."""
         cfg, mask = self.cfg, roll.response_mask
         B = mask.size(0)
-        seq_kl = kl.sum(1).mean()
+        seq_kl = self.world_mean(kl.sum(1).mean())  # every rank moves kl_coef by the same, global, KL
         self.kl_ctl.update(float(seq_kl), B * self.trainer.world_size)
         if float(mean["ratio"]) > cfg.warn_ratio or float(mean["approxkl"]) > cfg.warn_approxkl:
             log.warning("iteration %d: policy ratio %.3f / approx KL %.4f are large: lower optim.lr or raise ppo.kl_coef", self.iteration, float(mean["ratio"]), float(mean["approxkl"]))
@@ -304,7 +328,7 @@ class PPOModule(pl.LightningModule):
         """Checkpoint at an iteration boundary, atomically: a kill leaves the previous or the new file."""
         path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         tmp = path.with_name(".last.ckpt.tmp")
-        self.trainer.save_checkpoint(tmp)
+        self.trainer.save_checkpoint(tmp, weights_only=False)  # the whole state: optimisers, loops, RNGs
         if self.trainer.is_global_zero:
             os.replace(tmp, path)
         self.trainer.strategy.barrier()
@@ -312,25 +336,43 @@ class PPOModule(pl.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def answer(self, prompts: list) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Greedy answers, their normalised RM scores and their KL to the reference (summed k1)."""
+    def answer(self, prompts: list) -> tuple[list[str], torch.Tensor]:
+        """Greedy answers and their normalised RM scores."""
         tok = self.tokenizer
         ids, mask = left_pad([prompt_ids(tok, p) for p in prompts], self.hparams.pad_id, self.device)
         gen = generate(self.actor, ids, mask, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0, eos_id=self.hparams.eos_id, pad_id=self.hparams.pad_id)
         response, rmask = truncate_after_eos(gen.tokens, gen.mask, self.hparams.eos_id, self.hparams.pad_id)
         seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
-        lp, _ = self.forward_policy(self.actor, seqs, att, ids.size(1), response)
-        ref, _ = self.forward_policy(self.reference, seqs, att, ids.size(1), response)
-        kl = ((lp - ref) * rmask).sum(1)
         scores = self.score(seqs, att, response, rmask)
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
         self.actor.train()
-        return texts, scores, kl
+        return texts, scores
+
+    @torch.no_grad()
+    def sampled_kl(self, prompts: list) -> torch.Tensor:
+        """KL(policy || reference) in nats per response, one sampled response per prompt: (B,).
+
+        The summed log-ratio of tokens the policy samples (at ppo.temperature, both models under it) is
+        an unbiased estimate of the sequence KL between the two sampling distributions. A greedy
+        answer's log-ratio is not a KL estimate (it is not a sample), so the x-axis of the evaluation
+        curve is this one. The generator depends on the seed alone: every evaluation draws alike.
+        """
+        ids, mask = left_pad([prompt_ids(self.tokenizer, p) for p in prompts], self.hparams.pad_id, self.device)
+        self.actor.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + 12_345)
+        gen = generate(self.actor, ids, mask, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, eos_id=self.hparams.eos_id, pad_id=self.hparams.pad_id, generator=generator)
+        response, rmask = truncate_after_eos(gen.tokens, gen.mask, self.hparams.eos_id, self.hparams.pad_id)
+        seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
+        lp, _ = self.forward_policy(self.actor, seqs, att, ids.size(1), response)
+        ref, _ = self.forward_policy(self.reference, seqs, att, ids.size(1), response)
+        self.actor.train()
+        return ((lp - ref) * rmask).sum(1)
 
     def evaluate(self) -> dict:
         if not self.eval_prompts or self.tokenizer is None:
             return {}
-        texts, scores, kl = self.answer(self.eval_prompts)
+        texts, scores = self.answer(self.eval_prompts)
+        kl = self.sampled_kl(self.eval_prompts)
         point = {"iteration": self.iteration, "eval/rm_score": float(scores.mean()), "eval/kl": float(kl.mean())}
         golds = []
         if self.gold_fn is not None:
@@ -342,7 +384,7 @@ class PPOModule(pl.LightningModule):
             self.log_dict({k: v for k, v in point.items() if k != "iteration"}, sync_dist=False)
             rows = [[prompt_text(p), t, float(s), (golds[i] if golds else float("nan")), float(k)] for i, (p, t, s, k) in enumerate(zip(self.eval_prompts, texts, scores, kl))]
             if trainer.is_global_zero:
-                log_table(trainer.logger, "samples/ppo", ["prompt", "response", "rm score", "gold score", "kl"], rows[:32])
+                log_table(trainer.logger, "samples/ppo", ["prompt", "greedy response", "rm score", "gold score", "sampled kl"], rows[:32])
         log.info("eval at iteration %d: %s", self.iteration, {k: round(v, 4) for k, v in point.items() if k != "iteration"})
         return point
 
@@ -362,7 +404,6 @@ class PPOModule(pl.LightningModule):
             "iteration": self.iteration,
             "kl_ctl": self.kl_ctl.state_dict(),
             "history": self.history,
-            "sample_generator": self.sample_generator.get_state() if self.sample_generator is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(),
@@ -382,13 +423,11 @@ class PPOModule(pl.LightningModule):
         random.setstate(state["python_rng"])
         kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        self._generator_state = state["sample_generator"]
 
     def on_train_start(self) -> None:
-        state = getattr(self, "_generator_state", None)
-        if state is not None:
-            self.sample_generator.set_state(state)  # generator states are CPU byte tensors, whatever the device
-            self._generator_state = None
+        if self.ema is not None:  # a checkpoint's EMA arrives on the CPU; it averages the actor where the actor lives
+            device = next(self.actor.parameters()).device
+            self.ema = {k: v.to(device) for k, v in self.ema.items()}
 
 
 class Iterations(torch.utils.data.Dataset):
@@ -421,6 +460,43 @@ def reset_value_head(critic: ScalarGPT) -> None:
         critic.score_head.bias.zero_()
 
 
+def planned_world_size(cfg: DictConfig) -> int | None:
+    """The processes cfg.trainer asks for (devices x nodes) where devices is a number; None where Lightning decides (auto, -1)."""
+    devices = cfg.trainer.get("devices")
+    if isinstance(devices, int) and devices > 0:
+        return devices * int(cfg.trainer.get("num_nodes") or 1)
+    return None
+
+
+def check_prompt_count(n: int, batch: int, world: int | None, source: str) -> None:
+    """Every rank draws its own rollout_batch_size prompts per iteration: fewer prompts than all ranks need would give empty batches."""
+    if world is not None and n < batch * world:
+        raise UserError(
+            f"{source} [train] has {n} prompts, fewer than ppo.rollout_batch_size x processes = {batch} x {world} = {batch * world}: "
+            f"lower ppo.rollout_batch_size or add prompts"
+        )
+
+
+def check_reward_model(payload: dict, path: Path, tokenizer, actor_config: GPTConfig, actor_path: Path) -> None:
+    """The reward model must read the policy's tokens, see its whole sequences and carry its score normaliser."""
+    if payload.get("kind") != "scalar":
+        raise UserError(f"reward_from={path} is not a reward model (its model.pt has kind {payload.get('kind')!r})")
+    needed = {"reward_mean", "reward_std"} - set(payload.get("extra", {}))
+    if needed:
+        raise UserError(
+            f"reward_from={path} lacks the reward model's score normaliser ({', '.join(sorted(needed))}, computed when the reward "
+            f"stage finishes): pass the reward run's directory or its model.pt, not a checkpoint"
+        )
+    if runs.tokenizer_fingerprint(runs.load_start_tokenizer(path)) != runs.tokenizer_fingerprint(tokenizer):
+        raise UserError(f"reward_from={path} uses another tokenizer than the policy init_from={actor_path}: train the reward model from the same SFT run")
+    rm_block = int(payload["config"]["block_size"])
+    if rm_block < actor_config.block_size:
+        raise UserError(
+            f"reward_from={path} reads {rm_block} tokens (block_size), fewer than the policy's {actor_config.block_size} (init_from={actor_path}): "
+            f"the reward model must see the policy's whole sequences"
+        )
+
+
 def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list[int]], list, str]:
     """Training prompts (as token ids) and held-out prompts (as TRL prompts) through the shared loader."""
     ds, fmt, source = load_stage_data(cfg, "ppo", {"prompt_only", "prompt_completion", "preference"}, embedded_task(Path(cfg.paths.cache_dir), "prompts"))
@@ -432,7 +508,7 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list
     for i, p in enumerate(ds["train"]["prompt"]):
         ids = prompt_ids(tokenizer, p)
         if len(ids) > max_prompt:
-            raise UserError(f"{source} [train], row {i}: the prompt has {len(ids)} tokens; with ppo.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
+            raise UserError(f"{source} [train], row {source_row(ds['train'], i)}: the prompt has {len(ids)} tokens; with ppo.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
         prompts.append(ids)
     held_out = ds["test"] if "test" in ds else ds["validation"]
     eval_prompts = [held_out[i]["prompt"] for i in range(min(cfg.ppo.eval_prompts, len(held_out)))]
@@ -455,14 +531,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     root = Path(cfg.paths.root)
-    actor, tokenizer, _, actor_path = runs.load_start(cfg.init_from, STAGES["ppo"].starts_from, root, "ppo")
-    reward_path = runs.resolve_start(cfg.reward_from, STAGES["ppo"].inputs["reward_from"], root, "ppo", key="reward_from")
+    actor, tokenizer, actor_payload, actor_path = runs.load_start(cfg.init_from, STAGES["ppo"].starts_from, root, "ppo", run_name=run_dir.name)
+    if actor_payload.get("kind") == "scalar":
+        raise UserError(f"init_from={actor_path} is a reward model (a scalar head), not a policy: PPO's policy starts from an SFT run")
+    reward_path = runs.resolve_start(cfg.reward_from, STAGES["ppo"].inputs["reward_from"], root, "ppo", key="reward_from", run_name=run_dir.name)
     reward_payload = runs.load_model_payload(reward_path)
-    if reward_payload.get("kind") != "scalar":
-        raise UserError(f"reward_from={reward_path} is not a reward model (its model.pt has kind {reward_payload.get('kind')!r})")
+    check_reward_model(reward_payload, reward_path, tokenizer, actor.config, actor_path)
     reward_model = runs.build_model(reward_payload, ScalarGPT, reward_path)
+    parents = runs.parent_record(init_from=actor_path, reward_from=reward_path)
+    runs.check_parents(run_dir, parents)
     max_prompt = actor.config.block_size - cfg.ppo.max_new_tokens
+    if max_prompt < 1:
+        raise UserError(f"ppo.max_new_tokens={cfg.ppo.max_new_tokens} leaves no room for a prompt in the policy's context of {actor.config.block_size} tokens (init_from={actor_path})")
     prompts, eval_prompts, source = load_prompts(cfg, tokenizer, max_prompt)
+    check_prompt_count(len(prompts), int(cfg.ppo.rollout_batch_size), planned_world_size(cfg), source)
 
     module = PPOModule(
         actor_config=actor.config.to_dict(),
@@ -506,6 +588,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log_every_n_steps=1,
         parents=[actor_path, reward_path],
     )
+    check_prompt_count(len(prompts), int(cfg.ppo.rollout_batch_size), trainer.world_size, source)  # the world as Lightning counts it
     ckpt = resume_checkpoint(cfg, run_dir)
     start_point = None
     if ckpt is None and is_global_zero():
@@ -513,7 +596,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         start_point = module.evaluate()
         write_json(run_dir / "ppo_start.json", start_point)
     loader = DataLoader(Iterations(iterations), batch_size=1, collate_fn=lambda items: items[0])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=True)
     if not trainer.is_global_zero:
         return {}
     final_point = module.history[-1] if module.history and module.history[-1]["iteration"] == module.iteration else module.evaluate()
@@ -524,6 +607,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "data": source,
         "init_from": str(actor_path),
         "reward_from": str(reward_path),
+        "parents": parents,
         "train/iterations": module.iteration,
         "start/rm_score": start_point.get("eval/rm_score"),
         "final/rm_score": final_point.get("eval/rm_score"),

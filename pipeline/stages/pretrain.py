@@ -16,9 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.corpus import load_corpus
 from pipeline.data.packing import tokenize_and_pack
-from pipeline.errors import UserError
 from pipeline.tokenizer import cached_tokenizer, load_tokenizer
-from pipeline.training import Batches, LanguageModelModule, Throughput, build_trainer, finish, load_best, model_config_from, resume_checkpoint
+from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, build_trainer, finish, load_best, model_config_from, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,7 @@ def prepare(cfg: DictConfig, run_dir: Path):
     else:
         key = f"{source}|{ds['train']._fingerprint}"
         tokenizer = cached_tokenizer(Path(cfg.paths.cache_dir), key, lambda: ds["train"]["text"], cfg.tokenizer.vocab_size)
-    seq_len = int(cfg.data.seq_len)
-    if seq_len > cfg.model.block_size:
-        raise UserError(f"data.seq_len={seq_len} is longer than the model's context model.block_size={cfg.model.block_size}")
+    seq_len = int(cfg.data.seq_len)  # at most model.block_size (pipeline/checks.py)
     model_config = model_config_from(cfg.model, len(tokenizer))
     train = tokenize_and_pack(ds["train"], tokenizer, seq_len, num_proc=cfg.data.num_proc).with_format("torch")
     val = tokenize_and_pack(ds["validation"], tokenizer, seq_len, num_proc=cfg.data.num_proc).with_format("torch")
@@ -69,9 +66,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("pretrain: %s, %.2fM parameters, %d train blocks of %d tokens", source, module.model.num_params() / 1e6, len(train), model_config.block_size)
     seq_len = train[0]["input_ids"].numel() - 1
     throughput = Throughput(module.model.flops_per_token(seq_len))
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput])
-    datamodule = Batches(train, val, cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume()])
+    datamodule = Batches(train, val, cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config), weights_only=True)
 
     load_best(module, checkpoint)  # final figures on the best weights, which are also what the next stage starts from
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]

@@ -35,7 +35,7 @@ from pipeline.losses.pairwise import pairwise_loss
 from pipeline.model import GPT, GPTConfig, ScalarGPT, last_token_index, left_pad
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import Batches, Throughput, adamw_with_schedule, build_trainer, finish, load_best, resume_checkpoint
+from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, build_trainer, finish, load_best, resume_checkpoint, schedule_steps
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class RewardModule(pl.LightningModule):
         self.log_dict(out, prog_bar=True)
 
     def configure_optimizers(self):
-        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), self.hparams.max_steps)
+        return adamw_with_schedule(self.model, OmegaConf.create(self.hparams.optim), schedule_steps(self, self.hparams.max_steps))
 
 
 @torch.no_grad()
@@ -137,7 +137,9 @@ def policy_pairs(cfg: DictConfig, model, tokenizer, split: str, n: int, path: Pa
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
-    base, tokenizer, payload, start_path = runs.load_start(cfg.init_from, STAGES["reward"].starts_from, Path(cfg.paths.root), "reward", cls=ScalarGPT, dropout=cfg.model.dropout)
+    base, tokenizer, payload, start_path = runs.load_start(cfg.init_from, STAGES["reward"].starts_from, Path(cfg.paths.root), "reward", cls=ScalarGPT, run_name=run_dir.name, dropout=cfg.model.dropout)
+    parents = runs.parent_record(init_from=start_path)
+    runs.check_parents(run_dir, parents)
     ds, fmt, source = load_stage_data(cfg, "reward", {"preference"}, embedded_task(Path(cfg.paths.cache_dir), "preference"))
     validate_splits(ds, fmt, source)
     max_len = base.config.block_size
@@ -168,7 +170,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module.model.load_state_dict(base.state_dict())
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput], parents=[start_path])
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput, ExactResume()], parents=[start_path])
     lengths = None
     if cfg.data.get("group_by_length", False):
         lengths = [max(len(c), len(r)) for c, r in zip(pairs["train"]["chosen_ids"], pairs["train"]["rejected_ids"])]
@@ -177,7 +179,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         pairs["train"], pairs["validation"], cfg.data.batch_size, collate, cfg.data.num_workers,
         lengths=lengths, groups=pairs["train"]["prompt_key"], seed=cfg.seed,  # a prompt's pairs share a batch: each answer scored once
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config), weights_only=True)
 
     load_best(module, checkpoint)
     trainer.limit_val_batches = 1.0  # the final figures cover every held-out pair, not the sample that steered checkpointing
@@ -198,6 +200,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "stage": "reward",
         "data": source,
         "init_from": str(start_path),
+        "parents": parents,
         "val/accuracy": final["val/accuracy"],
         f"{held_out}/accuracy": test["val/accuracy"],
         f"{held_out}/chosen_reward": test["val/chosen_reward"],

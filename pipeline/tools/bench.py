@@ -43,11 +43,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+import pipeline
+from pipeline.errors import UserError
 from pipeline.model import GPT, generate
 from pipeline.model.hf import to_transformers
 from pipeline.training import Batches, LanguageModelModule, adamw_with_schedule, device_peak_flops, model_config_from
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(pipeline.CONF_DIR)
 BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1, "rl": 1}
 
 
@@ -431,8 +433,17 @@ def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
     return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
 
 
+def require_trl(cfg) -> None:
+    """The SFT, reward and RL rows run TRL's trainers: TRL is the `bench` extra, not a dependency of the stages."""
+    import importlib.util
+
+    if (cfg.bench.sft or cfg.bench.reward or cfg.bench.rl) and importlib.util.find_spec("trl") is None:
+        raise UserError("the SFT, reward and RL rows compare with TRL, which is not installed: pip install 'instructgpt-pipeline[bench]', or pass bench.sft=0 bench.reward=0 bench.rl=0")
+
+
 def main(argv: list[str]) -> dict:
     cfg = compose_config(argv)
+    require_trl(cfg)
     model_config = model_config_from(cfg.model, cfg.tokenizer.vocab_size)
     seq_len = cfg.data.seq_len
     batch_size = cfg.bench.batch_size or cfg.data.batch_size
@@ -502,4 +513,8 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

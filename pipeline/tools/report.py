@@ -201,7 +201,7 @@ def plot_online_rl(root: Path, name: str, stage: str, metrics: dict | None, out_
     if all("eval/gold_score" in p for p in evals):
         reward_series.append(("eval/gold_score", "gold score (held out)"))
     panel(left, "reward", reward_series, "objective/scores", "RM score (rollouts)")
-    panel(right, "KL (nats per response)", [("eval/kl", "KL to SFT (held out)")], "objective/kl", "KL (rollouts)")
+    panel(right, "KL (nats per response)", [("eval/kl", "KL to SFT, sampled (held out)")], "objective/kl", "KL (rollouts)")
     save_figure(fig, out_curves)
     written.append(out_curves)
 
@@ -210,7 +210,7 @@ def plot_online_rl(root: Path, name: str, stage: str, metrics: dict | None, out_
     ax.plot(kls, [p.get("eval/rm_score") for p in evals], marker="o", label="proxy: RM score")
     if all("eval/gold_score" in p for p in evals):
         ax.plot(kls, [p["eval/gold_score"] for p in evals], marker="o", label="gold score")
-    ax.set_xlabel("KL to the SFT policy (nats)")
+    ax.set_xlabel("KL to the SFT policy (nats per response, sampled estimate)")
     ax.set_ylabel("score")
     ax.set_title("reward over-optimisation")
     ax.legend(fontsize=8)

@@ -58,7 +58,7 @@ def fit(module: PPOModule, iterations: int, root, ckpt_path=None) -> pl.Trainer:
 
 def test_rollout_logprobs_equal_the_sampler_and_a_full_forward(tmp_path):
     module = toy_module(temperature=0.7)
-    fit(module, 1, tmp_path)  # attaches a trainer and a sampling generator
+    fit(module, 1, tmp_path)  # attaches a trainer
     prompts = module.prompts[:8]
     ids, mask = left_pad(prompts, PAD)
     gen = generate(module.actor, ids, mask, max_new_tokens=6, temperature=0.7, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(3))
@@ -70,26 +70,76 @@ def test_rollout_logprobs_equal_the_sampler_and_a_full_forward(tmp_path):
 def test_toy_reward_rises(tmp_path):
     module = toy_module()
     fit(module, 30, tmp_path)
-    module.sample_generator.manual_seed(123)
-    after = module.rollout(module.prompts[:64]).scores.mean().item()
+    after = module.rollout(module.prompts[:64], generator=torch.Generator().manual_seed(123)).scores.mean().item()
     fresh = toy_module()
-    fresh.sample_generator = torch.Generator().manual_seed(123)
-    start = fresh.rollout(fresh.prompts[:64]).scores.mean().item()
+    start = fresh.rollout(fresh.prompts[:64], generator=torch.Generator().manual_seed(123)).scores.mean().item()
     assert after > start + 1.0, (start, after)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    straight = toy_module(iterations=6)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, ema_decay):
+    straight = toy_module(iterations=6, ema_decay=ema_decay)
     fit(straight, 6, tmp_path / "a")
-    first = toy_module(iterations=6, save_every=3)
+    first = toy_module(iterations=6, save_every=3, ema_decay=ema_decay)
     fit(first, 3, tmp_path / "b")  # killed after its third iteration's checkpoint
     ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    resumed = toy_module(iterations=6, save_every=3)
+    resumed = toy_module(iterations=6, save_every=3, ema_decay=ema_decay)
     fit(resumed, 6, tmp_path / "b", ckpt_path=str(ckpt))
     assert resumed.iteration == straight.iteration == 6
     for (name, a), (_, b) in zip(straight.actor.state_dict().items(), resumed.actor.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    if ema_decay:
+        assert any(not torch.equal(straight.ema[k], v) for k, v in straight.actor.state_dict().items())  # an average, not the actor
+        for name, a in straight.ema.items():
+            torch.testing.assert_close(a, resumed.ema[name], rtol=1e-6, atol=1e-6, msg=name)
+            assert resumed.ema[name].device == next(resumed.actor.parameters()).device
+
+
+def test_logged_entropy_is_that_of_the_sampling_distribution_and_builds_no_graph_at_coef_0(tmp_path):
+    """At temperature 0.5 the policy samples from softmax(logits / 0.5); the entropy it logs is that one's."""
+    from pipeline.losses.ppo import entropy_from_logits, masked_mean
+
+    module = toy_module(temperature=0.5, ppo_epochs=1, minibatch_size=32, entropy_coef=0.0)
+    module.hparams.optim["lr"] = 0.0  # the actor stays as it was: the rollout can be drawn again
+    trainer = fit(module, 1, tmp_path)
+    roll = module.rollout(module.prompt_batch(0), generator=module.sample_generator(0))
+    _, logits = module.forward_policy(module.actor, roll.sequences, roll.attention, roll.prompt_len, roll.sequences[:, roll.prompt_len :])
+    logged = trainer.callback_metrics["policy/entropy_avg"].item()
+    at_temperature = masked_mean(entropy_from_logits(logits / 0.5), roll.response_mask).item()
+    at_one = masked_mean(entropy_from_logits(logits), roll.response_mask).item()
+    assert abs(logged - at_temperature) < 1e-4 and abs(logged - at_one) > 0.05, (logged, at_temperature, at_one)
+
+
+def exact_kl(actor, reference, prompt: list[int], temperature: float) -> float:
+    """KL(actor || reference) over every response of at most two tokens (EOS ends one early), by enumeration."""
+    def dists(model, ids):
+        with torch.no_grad():
+            return torch.log_softmax(model(ids)[:, -1].float() / temperature, -1)
+
+    first = torch.tensor([prompt])
+    la, lr = dists(actor, first)[0], dists(reference, first)[0]
+    kl = (la.exp() * (la - lr)).sum()
+    seconds = torch.cat([first.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], 1)  # prompt + each first token
+    la2, lr2 = dists(actor, seconds), dists(reference, seconds)
+    per_first = (la2.exp() * (la2 - lr2)).sum(-1)
+    per_first[EOS] = 0.0  # a response that ends with EOS has no second token
+    return float(kl + (la.exp() * per_first).sum())
+
+
+def test_the_evaluation_kl_is_an_unbiased_sampled_estimate_of_the_true_kl(tmp_path, monkeypatch):
+    import pipeline.stages.ppo as ppo_stage
+
+    monkeypatch.setattr(ppo_stage, "prompt_ids", lambda tokenizer, prompt: prompt)  # the toy task's prompts are token ids
+    module = toy_module(max_new_tokens=2, temperature=0.7)
+    prompts = [p for p in module.prompts if len(p) == 3][:4]
+    assert module.sampled_kl(prompts).abs().max().item() == 0.0  # the actor is still the reference
+    fit(module, 10, tmp_path)
+    samples = module.sampled_kl([p for p in prompts for _ in range(1000)]).view(len(prompts), 1000)
+    truth = torch.tensor([exact_kl(module.actor, module.reference, p, 0.7) for p in prompts])
+    estimate, stderr = samples.mean(1), samples.std(1) / 1000**0.5
+    assert truth.min() > 0.05, truth  # the policy moved: there is a KL to estimate
+    assert ((estimate - truth).abs() < 4 * stderr + 1e-3).all(), (estimate, truth, stderr)
 
 
 def test_non_finite_weights_stop_the_run_with_a_message(tmp_path):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from pydoc_data.topics import topics
 
 from helpers import TINY, run_pipeline
-from pipeline import data
+from pipeline import data, runs
 from pipeline.data.chat import encode_example, encode_pairs, tokenize_sft
 from pipeline.data.collators import PairCollator
 from pipeline.data.corpus import embedded_task
@@ -19,6 +20,7 @@ from pipeline.losses.lm import IGNORE
 from pipeline.losses.pairwise import pairwise_loss
 from pipeline.model import GPTConfig, ScalarGPT
 from pipeline.stages.reward import RewardModule, score_sequences
+from pipeline.tasks import default_task
 from pipeline.tokenizer import train_tokenizer
 
 U = lambda text: [{"role": "user", "content": text}]  # noqa: E731
@@ -173,11 +175,17 @@ def pipeline_runs(tmp_path_factory):
 def test_sft_run_reports_gold_scores_of_start_and_end(pipeline_runs):
     run = pipeline_runs / "sft" / next(p.name for p in (pipeline_runs / "sft").iterdir())
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["gold/start"] <= 1.0 and 0.0 <= metrics["gold/final"] <= 1.0
     assert metrics["train/steps"] == 8 and math.isfinite(metrics["val/loss"])
     assert metrics["init_from"].startswith(str(pipeline_runs / "pretrain"))
+    assert metrics["parents"]["init_from"]["sha256"] == runs.digest(Path(metrics["init_from"]))
     rows = json.loads((run / "gold_final.json").read_text())["rows"]
-    assert len(rows) == 8
+    start_rows = json.loads((run / "gold_start.json").read_text())["rows"]
+    assert len(rows) == len(start_rows) == 8
+    # The reported figures are the judge's scores of the saved answers, start and end.
+    judge = default_task().gold_score
+    for saved in (rows, start_rows):
+        assert all(r["gold"] == judge(r["prompt"], r["response"]) for r in saved)
+    assert metrics["gold/final"] == sum(r["gold"] for r in rows) / 8 and metrics["gold/start"] == sum(r["gold"] for r in start_rows) / 8
     # The gold prompts are held out: none appears in SFT's training data.
     train_prompts = {r["messages"][0]["content"] for r in data.load_data(str(embedded_task(pipeline_runs / "cache", "sft")))["train"]}
     assert not {r["prompt"] for r in rows} & train_prompts
@@ -192,9 +200,9 @@ def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_ru
     policy_train = [json.loads(line) for line in (run / "policy_pairs_train.jsonl").read_text().splitlines()]
     assert 0 < len(policy_train) <= 48 and metrics["train/pairs"] >= len(policy_train)
     assert all(r["chosen_gold"] != r["rejected_gold"] for r in policy_train)
-    if metrics["policy_test/pairs"]:
-        assert 0.0 <= metrics["policy_test/accuracy"] <= 1.0
-    payload = torch.load(run / "model.pt", weights_only=False)
+    correct = metrics["policy_test/accuracy"] * metrics["policy_test/pairs"]  # a count of pairs ranked right
+    assert abs(correct - round(correct)) < 1e-4, metrics
+    payload = torch.load(run / "model.pt", weights_only=True)
     model = ScalarGPT(GPTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     from pipeline.tokenizer import load_tokenizer
@@ -207,13 +215,7 @@ def test_reward_run_reports_accuracy_and_normalises_reference_scores(pipeline_ru
     assert abs(normalised.mean().item()) < 1e-3
 
 
-def test_preference_file_given_to_sft_is_refused(tmp_path, pipeline_runs):
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(10)))
-    result = run_pipeline("stage=sft", f"data.path={prefs}", "logger=csv", root=pipeline_runs, check=False)
-    assert result.returncode == 2 and "stage 'sft' cannot train on" in result.stderr and "preference" in result.stderr
-
-
+@pytest.mark.slow
 def test_sft_and_reward_under_two_process_ddp(pipeline_runs):
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
     run_pipeline("stage=sft", *ddp, "data.batch_size=4", "eval.num_prompts=4", "eval.max_new_tokens=4", "logger=csv", root=pipeline_runs, timeout=600)
@@ -225,6 +227,7 @@ def test_sft_and_reward_under_two_process_ddp(pipeline_runs):
         assert metrics["train/steps"] == 4
 
 
+@pytest.mark.slow
 def test_ppo_under_two_process_ddp_with_ptx(tmp_path, pipeline_runs):
     """PPO on two CPU processes (gloo): both ranks roll out and update; the PPO-ptx term reads a user's text file."""
     corpus = tmp_path / "ptx.jsonl"
