@@ -285,16 +285,21 @@ class Batches(pl.LightningDataModule):
         self.batch_size, self.collate, self.num_workers = batch_size, collate, num_workers
         self.lengths, self.groups, self.seed = lengths, groups, seed
         self.resume_at: dict | None = None  # the position of the checkpoint being resumed, until the loader is built
+        self.source = None  # the epoch order of the loader last built
 
     def train_dataloader(self):
+        trainer = self.trainer
+        world = trainer.world_size if trainer else 1
         if self.lengths is None and self.groups is None:
-            source = ShuffledSampler(len(self.train_set), self.seed)
+            source = ShuffledSampler(len(self.train_set), self.seed, draw=world == 1)
         else:
             source = GroupedSampler(self.batch_size, self.lengths, self.groups, self.seed)
-        trainer = self.trainer
-        sampler = ResumableSampler(source, self.batch_size, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0)
+        self.source = source
+        sampler = ResumableSampler(source, self.batch_size, world, trainer.global_rank if trainer else 0)
         if self.resume_at:
             sampler.resume(self.resume_at["epoch"], self.resume_at["batches"])
+            if "seed" in self.resume_at and isinstance(source, ShuffledSampler):
+                source.seeds[self.resume_at["epoch"]] = int(self.resume_at["seed"])  # the order that epoch had
             self.resume_at = None
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=self.collate, num_workers=self.num_workers)
 
@@ -311,7 +316,11 @@ class Batches(pl.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= trainer.num_training_batches:  # that epoch is over: the next one starts at its beginning
             epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches * trainer.world_size}
+        state = {"epoch": epoch, "batches": batches * trainer.world_size}
+        seeds = getattr(getattr(self, "source", None), "seeds", {})
+        if epoch in seeds:  # a ShuffledSampler's drawn seed of the running epoch
+            state["seed"] = seeds[epoch]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.resume_at = dict(state_dict)

@@ -95,7 +95,9 @@ def test_resumed_fit_draws_the_same_batches_and_random_numbers(tmp_path, resume_
     checkpoint = torch.load(last, weights_only=True)  # tensors and plain types only
     assert checkpoint["global_step"] == resume_step
     epoch, done = divmod(resume_step, 11)
-    assert checkpoint["Batches"] == {"epoch": epoch, "batches": done}
+    assert {k: checkpoint["Batches"][k] for k in ("epoch", "batches")} == {"epoch": epoch, "batches": done}
+    # Plain shuffling draws each epoch's seed from torch's generator, as RandomSampler does; the running epoch's is kept.
+    assert ("seed" in checkpoint["Batches"]) == (not grouped and done > 0)
     resumed = fit(tmp_path / "killed", every, grouped, estimated, ckpt_path=str(last))
     assert resumed == [s for s in whole if s[0] > resume_step]
 
@@ -116,7 +118,14 @@ def test_resumable_sampler_deals_whole_batches_to_ranks_and_skips_what_was_train
         assert len(sampler) == 16 * 4
         sampler.resume(3, 5 * 3)  # each rank trained on 5 batches of epoch 3
         assert list(sampler) == [i for b in batches[15 + r : 48 : 3] for i in b]
-    assert ShuffledSampler(10, seed=1).order(0) == ShuffledSampler(10, seed=1).order(0) != ShuffledSampler(10, seed=1).order(1)
+    # Under DDP plain shuffling is a function of (seed, epoch); on one process it is RandomSampler's order.
+    assert ShuffledSampler(10, seed=1, draw=False).order(0) == ShuffledSampler(10, seed=1, draw=False).order(0) != ShuffledSampler(10, seed=1, draw=False).order(1)
+    torch.manual_seed(5)
+    ours = ShuffledSampler(10)
+    ours_orders = [ours.order(0), ours.order(1), ours.order(0)]
+    torch.manual_seed(5)
+    theirs = torch.utils.data.RandomSampler(range(10))
+    assert ours_orders == [list(theirs), list(theirs), ours_orders[0]]  # an epoch's order, once drawn, is kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,14 +32,24 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class ShuffledSampler(EpochSampler):
-    """Plain shuffling from a generator of its own (RandomSampler draws its seed from torch's global one)."""
+    """Plain shuffling; on one process exactly torch's RandomSampler order, and resumable.
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    RandomSampler draws each epoch's permutation seed from torch's global generator when the epoch's
+    first index is asked for. With `draw=True` this sampler does the same, at the same moment, so a
+    seeded run meets the rows in the order it always did; the seeds drawn are kept in `seeds` (the
+    checkpoint holds the running epoch's), so a resumed run recomputes that epoch's order instead
+    of drawing a new one. Under DDP the ranks' generators part ways, so there (`draw=False`) the
+    order is a function of (seed, epoch) alone, the same on every rank.
+    """
+
+    def __init__(self, n: int, seed: int = 0, draw: bool = True):
+        self.n, self.seed, self.epoch, self.draw = n, seed, 0, draw
+        self.seeds: dict[int, int] = {}
 
     def order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        if epoch not in self.seeds:
+            self.seeds[epoch] = int(torch.empty((), dtype=torch.int64).random_().item()) if self.draw else self.seed * 1_000_003 + epoch
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seeds[epoch])).tolist()
 
 
 class GroupedSampler(EpochSampler):
