@@ -132,7 +132,7 @@ def test_default_rows_sizes_and_disjoint_splits(defaults):
 
 
 def test_row_schemas_are_trl_conversational(defaults):
-    rows, _ = defaults
+    rows = defaults
     sft = rows["sft"]["validation"][0]
     assert set(sft) == {"messages"} and [m["role"] for m in sft["messages"]] == ["user", "assistant"]
     assert all(set(m) == {"role", "content"} for m in sft["messages"])
