@@ -6,19 +6,22 @@ run can recompute the order of the epoch it stopped in and skip what it already 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch.utils.data import DistributedSampler
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler(torch.utils.data.Sampler, ABC):
     """A sampler whose order of each epoch is `order(epoch)`, a pure function of the seed and the epoch."""
 
     n: int
     seed: int
     epoch: int = 0
 
+    @abstractmethod
     def order(self, epoch: int) -> list[int]:
-        raise NotImplementedError
+        """The row indices of one epoch, in order."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
