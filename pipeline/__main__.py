@@ -73,6 +73,27 @@ def overrides_for(stage: str, overrides: list[str]) -> list[str]:
     return kept
 
 
+def run_child(stage: str, command: list[str], env: dict) -> None:
+    """One stage run as its own process; a failure stops the recipe (rerunning the same command resumes it)."""
+    log.info("pipeline: %s", " ".join(command[2:]))
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
+
+
+def parent_overrides(stage: str, done: dict[str, Path], user_init: str | None) -> list[str]:
+    """init_from and the other inputs (PPO's reward_from) of a stage: the latest finished recipe stage it takes each from."""
+    spec = STAGES[stage]
+    out = []
+    for key, sources in (("init_from", spec.starts_from), *spec.inputs.items()):
+        parent = next((d for s, d in reversed(list(done.items())) if s in sources), None)
+        if parent is not None:
+            out.append(f"{key}={parent}")
+        elif key == "init_from" and user_init and sources:
+            out.append(f"init_from={user_init}")  # the recipe's first stage starts from the user's model
+    return out
+
+
 def run_recipe(cfg: DictConfig) -> None:
     """The recipe's stages in order, each a child process with the same overrides, chained by init_from.
 
@@ -80,37 +101,46 @@ def run_recipe(cfg: DictConfig) -> None:
     skips the finished stages and resumes the interrupted one. Each stage starts from the latest
     earlier stage of the recipe that the registry lists in its `starts_from` (and likewise for its
     other inputs, PPO's reward_from); `recipe.overrides.<stage>` adds overrides for one stage only.
+    A recipe with `compare.methods` (recipe=compare) then runs each method over its seeds from the
+    stages trained once, and writes compare.md (pipeline/tools/compare.py).
     """
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     inputs = {"init_from", *(key for s in STAGES.values() for key in s.inputs)}
-    passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "recipe=")) and o.split("=", 1)[0] not in inputs]
+    passed = [o for o in hc.overrides.task if not o.startswith(("stage=", "recipe=", "compare.")) and o.split("=", 1)[0] not in inputs]
     name = Path(cfg.paths.run_dir).name
     root = Path(cfg.paths.root)
     trainable = [s.name for s in training_stages()]
     unknown = [s for s in cfg.recipe.stages if s not in trainable]
     if unknown:
         raise UserError(f"recipe {cfg.recipe.name}: {unknown} are not training stages; stages are {trainable}")
-    done: list[str] = []
+    methods = None
+    if cfg.get("compare") is not None:
+        from pipeline.tools.compare import plan_methods
+
+        methods = plan_methods(cfg, name, root, passed, overrides_for)  # bad methods fail before the first stage trains
+    done: dict[str, Path] = {}
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
     for stage in cfg.recipe.stages:
-        spec = STAGES[stage]
         stage_dir = root / stage / name
         own = list((cfg.recipe.get("overrides") or {}).get(stage) or [])
         command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), *own, f"hydra.run.dir={stage_dir}"]
-        for key, sources in (("init_from", spec.starts_from), *spec.inputs.items()):
-            parent = next((d for d in reversed(done) if d in sources), None)
-            if parent is not None:
-                command.append(f"{key}={root / parent / name}")
-            elif key == "init_from" and cfg.init_from and sources:
-                command.append(f"init_from={cfg.init_from}")  # the recipe's first stage starts from the user's model
-        log.info("pipeline: %s", " ".join(command[2:]))
-        result = subprocess.run(command, env=env)
-        if result.returncode != 0:
-            raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
-        done.append(stage)
+        run_child(stage, command + parent_overrides(stage, done, cfg.init_from), env)
+        done[stage] = stage_dir
+    if methods is not None:
+        from pipeline.tools.compare import write_comparison
+
+        parents = {key: value for key, value in (o.split("=", 1) for o in parent_overrides_all(done, cfg))}
+        for run in methods:
+            command = [sys.executable, "-m", "pipeline", f"stage={run.stage}", *run.overrides, f"hydra.run.dir={run.run_dir}"]
+            command += [f"{k}={v}" for k, v in parents.items() if k == "init_from" or k in STAGES[run.stage].inputs]  # DPO has no reward_from
+            run_child(run.stage, command, env)
+        out = write_comparison(root, name, methods, Path(cfg.paths.run_dir))
+        log.info("comparison: %s", out)
     log.info("pipeline finished: runs under %s/*/%s", root, name)
+    if not done:  # a comparison of the user's own SFT and reward models (recipe.stages=[]): compare.md is the report
+        return
     from pipeline.tools.report import write_report
 
     use_wandb = cfg.logger.name == "wandb"
@@ -122,6 +152,21 @@ def run_recipe(cfg: DictConfig) -> None:
         wandb_group=cfg.logger.group if use_wandb else None,  # null: pipeline-<name>, the stages' group
     )
     log.info("report: %s", report)
+
+
+def parent_overrides_all(done: dict[str, Path], cfg: DictConfig) -> list[str]:
+    """The compared methods' parents: the recipe's SFT run (or the user's init_from) and its reward run."""
+    out = []
+    sft = done.get("sft")
+    if sft is not None:
+        out.append(f"init_from={sft}")
+    elif cfg.init_from:
+        out.append(f"init_from={cfg.init_from}")
+    if "reward" in done:
+        out.append(f"reward_from={done['reward']}")
+    elif cfg.get("reward_from"):
+        out.append(f"reward_from={cfg.reward_from}")
+    return out
 
 
 # An absolute path: the installed copy of the configs or the checkout's conf/ (pipeline/__init__.py).

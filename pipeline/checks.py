@@ -164,6 +164,16 @@ def _limit_batches(value: Any) -> bool:
     return _is_number(value, integer=True) and value >= 0 or isinstance(value, float) and 0 <= value <= 1
 
 
+def _reward_spec(value: Any) -> bool:
+    """grpo.reward: one name or a non-empty list of names (pipeline/rewards.py parses and imports them)."""
+    names = [value] if isinstance(value, str) else value
+    return isinstance(names, (list, tuple)) and bool(names) and all(isinstance(n, str) and n.strip() for n in names)
+
+
+def _reward_weights(value: Any) -> bool:
+    return value is None or isinstance(value, (list, tuple)) and all(_is_number(w) and math.isfinite(w) for w in value)
+
+
 SAMPLING_FILTERS = "rollout log-probs would not be those of the sampling distribution: PPO samples from the whole softmax at ppo.temperature"
 
 # key -> (rule, why). Keys of the generate stage stand at the top level of its config (temperature=0.7).
@@ -277,6 +287,39 @@ RULES: dict[str, tuple[Any, str]] = {
     "ppo.save_every": (COUNT, "iterations between checkpoints"),
     "ppo.warn_ratio": (POSITIVE, ""),
     "ppo.warn_approxkl": (POSITIVE, ""),
+    # dpo
+    "dpo.beta": (POSITIVE, "the implicit reward is beta * (log pi - log ref); IPO's target margin is 1 / (2 beta)"),
+    "dpo.loss_type": (OneOf(("sigmoid", "ipo")), "the losses of pipeline/losses/dpo.py"),
+    "dpo.label_smoothing": (Number(low=0, high=0.5, high_open=True), "conservative DPO: the assumed chance that a label is flipped; at 0.5 a pair says nothing"),
+    "dpo.sft_coef": (NON_NEGATIVE, "the weight of the chosen answers' NLL"),
+    "dpo.reference": (OneOf(("precompute", "online")), "precompute: the reference scores every pair once before training; online: in every step"),
+    "dpo.train_pairs": (Number(low=1, integer=True, special=(None,)), "null: every training pair"),
+    # (end of dpo)
+    # grpo (pipeline/stages/grpo.py); whether grpo.reward's functions import is checked at the stage's start
+    "grpo.iterations": (COUNT, ""),
+    "grpo.prompts_per_rollout": (COUNT, "prompts per rollout, per process"),
+    "grpo.group_size": (Number(low=2, integer=True), "samples per prompt: each is judged against the others, so a group needs two"),
+    "grpo.baseline": (OneOf(("group_norm", "mean", "rloo")), "group_norm: GRPO; mean: Dr. GRPO; rloo: RLOO"),
+    "grpo.updates_per_rollout": (COUNT, "passes over each rollout"),
+    "grpo.minibatch_size": (COUNT, "prompts (whole groups) per gradient step"),
+    "grpo.clip_ratio": (Number(low=0, high=1, low_open=True, high_open=True), "the policy ratio is kept within [1 - clip_ratio, 1 + clip_ratio_high]"),
+    "grpo.clip_ratio_high": (Number(low=0, low_open=True, special=(None,)), "null: clip_ratio"),
+    "grpo.kl_coef": (NON_NEGATIVE, "0: no KL to the reference"),
+    "grpo.kl_in": (OneOf(("loss", "reward")), "loss: k3 in the loss (GRPO); reward: subtracted from the reward (PPO, RLOO)"),
+    "grpo.kl_estimator": (OneOf(("k1", "k2", "k3")), "the per-token KL summed into the reward with grpo.kl_in=reward"),
+    "grpo.loss_norm": (OneOf(("token", "sequence")), "token: every token weighs the same; sequence: each response's mean, then their mean"),
+    "grpo.reward": (Satisfies(_reward_spec, "rm, gold, package.module:function or path/to/file.py:function, or a non-empty list of them"), ""),
+    "grpo.reward_weights": (Satisfies(_reward_weights, "null or a list of numbers, one per grpo.reward entry"), ""),
+    "grpo.scale_reward_by_std": (BOOL, ""),
+    "grpo.missing_eos_penalty": (NON_NEGATIVE, "subtracted from the reward of a response that never ends"),
+    "grpo.temperature": (POSITIVE, "rollouts sample at this temperature and their log-probs are taken under it"),
+    "grpo.max_new_tokens": (COUNT, ""),
+    "grpo.max_grad_norm": (POSITIVE, ""),
+    "grpo.anneal_lr": (BOOL, ""),
+    "grpo.eval_every": (COUNT, "iterations between evaluations"),
+    "grpo.eval_prompts": (COUNT, ""),
+    "grpo.save_every": (COUNT, "iterations between checkpoints"),
+    # (end of grpo)
     # generate
     "prompt": (Satisfies(lambda v: v is None or isinstance(v, (str, int, float)), "text"), ""),
     "prompts_file": (Satisfies(_existing_path, "an existing .txt or .jsonl file"), "no such file"),
@@ -288,6 +331,9 @@ RULES: dict[str, tuple[Any, str]] = {
     "batch_size": (COUNT, "prompts answered together"),
     # export
     "export.dtype": (OneOf(("float32", "bfloat16", "float16")), ""),
+    # recipe=compare
+    "compare.seeds": (COUNT, "runs of each method"),
+    "compare.completions": (Number(low=1, integer=True, special=(None,)), "generated completions per online run; null: each method's own iterations"),
 }
 
 # Keys whose allowed values Lightning decides (read lazily: they need Lightning's registries).
@@ -340,6 +386,9 @@ def _joint_problems(values: dict[str, Any], stages: Iterable[str]) -> list[str]:
         problems.append(f"data.seq_len={seq_len}: must be at most model.block_size={block} (the model's context)")
     if values.get("prompt") is not None and values.get("prompts_file") is not None:
         problems.append("prompt and prompts_file are both set: give prompt=... or prompts_file=..., not both")
+    per_rollout, minibatch = values.get("grpo.prompts_per_rollout"), values.get("grpo.minibatch_size")
+    if _is_number(per_rollout, integer=True) and _is_number(minibatch, integer=True) and per_rollout % minibatch:
+        problems.append(f"grpo.minibatch_size={minibatch}: must divide grpo.prompts_per_rollout={per_rollout} (every gradient step takes as many whole groups)")
     # Stages that build their model from cfg.model (pretrain) need an architecture GPTConfig accepts as a whole.
     if any(s in STAGES and STAGES[s].trains and not STAGES[s].starts_from for s in stages):
         from pipeline.model.gpt import GPTConfig

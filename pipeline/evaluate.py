@@ -79,3 +79,43 @@ def gold_prompts(cfg) -> list | None:
     path = embedded_task(Path(cfg.paths.cache_dir), "prompts")
     test = load_data(str(path), cache_dir=datasets_cache(cfg))["test"]
     return [row["prompt"] for row in test.select(range(min(cfg.eval.num_prompts, len(test))))]
+
+
+@torch.no_grad()
+def sampled_kl(
+    policy: GPT,
+    reference: GPT,
+    prompt_ids_list: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    batch_size: int = 200,
+) -> torch.Tensor:
+    """KL(policy || reference) in nats per response, one sampled response per prompt: (B,).
+
+    The summed log-ratio of tokens the policy samples (at `temperature`, both models under it) is an
+    unbiased estimate of the sequence KL between the two sampling distributions; a greedy answer's
+    log-ratio is not (it is not a sample). The generator depends on `seed` alone, so every
+    evaluation of a run draws alike and the figure is comparable across methods and checkpoints.
+    """
+    from pipeline.model import token_logprobs, truncate_after_eos
+
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for start in range(0, len(prompt_ids_list), batch_size):
+        ids, mask = left_pad(prompt_ids_list[start : start + batch_size], pad_id, device)
+        gen = generate(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id, pad_id=pad_id, generator=generator)
+        response, rmask = truncate_after_eos(gen.tokens, gen.mask, eos_id, pad_id)
+        seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
+        P = ids.size(1)
+        lp = token_logprobs(policy(seqs, attention_mask=att)[:, P - 1 : -1], response, temperature)
+        ref = token_logprobs(reference(seqs, attention_mask=att)[:, P - 1 : -1], response, temperature)
+        out.append(((lp - ref) * rmask).sum(1))
+    policy.train(was_training)
+    return torch.cat(out)

@@ -56,7 +56,7 @@ pytestmark = pytest.mark.timeout(120)  # a row that is not refused starts traini
 
 PARENTS = ("pretrain", "sft", "reward")
 # The finished runs a row's outputs root starts with: those of the stages before its own.
-PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "generate": PARENTS, "export": PARENTS}
+PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "dpo": PARENTS, "grpo": PARENTS, "generate": PARENTS, "export": PARENTS}
 BLOCK = 256  # the parents' context: room for the embedded task's prompts and ppo.max_new_tokens=40
 
 
@@ -413,6 +413,37 @@ VALUES = [
     ("generate", "top_p=0", "top_p=0: must be in (0, 1]"),
     ("generate", "batch_size=0", "batch_size=0: must be >= 1"),
     ("all", 'recipe.overrides.sft=["optim.lr=0"]', "recipe.overrides.sft: optim.lr=0: must be > 0"),
+    ("dpo", "dpo.beta=0", "dpo.beta=0: must be > 0"),
+    ("dpo", "dpo.loss_type=hinge", "dpo.loss_type=hinge: must be sigmoid or ipo"),
+    ("dpo", "dpo.label_smoothing=0.5", "dpo.label_smoothing=0.5: must be in [0, 0.5)"),
+    ("dpo", "dpo.sft_coef=-1", "dpo.sft_coef=-1: must be >= 0"),
+    ("dpo", "dpo.reference=cached", "dpo.reference=cached: must be precompute or online"),
+    ("dpo", "dpo.train_pairs=0", "dpo.train_pairs=0: must be null or >= 1"),
+    ("grpo", "grpo.iterations=0", "grpo.iterations=0: must be >= 1"),
+    ("grpo", "grpo.prompts_per_rollout=0", "grpo.prompts_per_rollout=0: must be >= 1"),
+    ("grpo", "grpo.group_size=1", "grpo.group_size=1: must be >= 2"),
+    ("grpo", "grpo.baseline=std", "grpo.baseline=std: must be one of group_norm, mean, rloo"),
+    ("grpo", "grpo.updates_per_rollout=0", "grpo.updates_per_rollout=0: must be >= 1"),
+    ("grpo", "grpo.minibatch_size=5", "grpo.minibatch_size=5: must divide grpo.prompts_per_rollout=16"),
+    ("grpo", "grpo.clip_ratio=1", "grpo.clip_ratio=1: must be in (0, 1)"),
+    ("grpo", "grpo.clip_ratio_high=0", "grpo.clip_ratio_high=0: must be null or > 0"),
+    ("grpo", "grpo.kl_coef=-0.1", "grpo.kl_coef=-0.1: must be >= 0"),
+    ("grpo", "grpo.kl_in=both", "grpo.kl_in=both: must be loss or reward"),
+    ("grpo", "grpo.kl_estimator=k4", "grpo.kl_estimator=k4: must be one of k1, k2, k3"),
+    ("grpo", "grpo.loss_norm=seq", "grpo.loss_norm=seq: must be token or sequence"),
+    ("grpo", "grpo.reward=[]", "grpo.reward=[]: must be rm, gold, package.module:function or path/to/file.py:function"),
+    ("grpo", "grpo.reward_weights=[a]", "grpo.reward_weights=['a']: must be null or a list of numbers"),
+    ("grpo", "grpo.scale_reward_by_std=1", "grpo.scale_reward_by_std=1: must be true or false"),
+    ("grpo", "grpo.missing_eos_penalty=-1", "grpo.missing_eos_penalty=-1: must be >= 0"),
+    ("grpo", "grpo.temperature=0", "grpo.temperature=0: must be > 0"),
+    ("grpo", "grpo.max_new_tokens=0", "grpo.max_new_tokens=0: must be >= 1"),
+    ("grpo", "grpo.max_grad_norm=0", "grpo.max_grad_norm=0: must be > 0"),
+    ("grpo", "grpo.anneal_lr=2", "grpo.anneal_lr=2: must be true or false"),
+    ("grpo", "grpo.eval_every=0", "grpo.eval_every=0: must be >= 1"),
+    ("grpo", "grpo.eval_prompts=0", "grpo.eval_prompts=0: must be >= 1"),
+    ("grpo", "grpo.save_every=0", "grpo.save_every=0: must be >= 1"),
+    ("recipe=compare", "compare.seeds=0", "compare.seeds=0: must be >= 1 (runs of each method)"),
+    ("recipe=compare", "compare.completions=0", "compare.completions=0: must be null or >= 1"),
 ]
 
 FILES = [
@@ -533,17 +564,33 @@ PARENT_ROWS = [
     *rows(
         "generate",
         ("a reward model as the policy", ["init_from={in}/m/reward/default", "prompt=hi"], ["init_from={in}/m/reward/default/model.pt is a reward model (a scalar head), not a policy"], [run("m", model=scalar, stage="reward", kind="scalar")]),
-        ("no policy at all", ["prompt=hi"], ["no finished ppo/sft/pretrain run under {root} for stage 'generate'"], [], ()),
+        ("no policy at all", ["prompt=hi"], ["no finished ppo/grpo/dpo/sft/pretrain run under {root} for stage 'generate'"], [], ()),
     ),
     *rows(
         "export",
-        ("no model at all", [], ["no finished ppo/sft/pretrain run under {root} for stage 'export'"], [], ()),
+        ("no model at all", [], ["no finished ppo/grpo/dpo/sft/pretrain run under {root} for stage 'export'"], [], ()),
         ("an architecture transformers lacks", ["init_from={in}/m/pretrain/default"], ["model config norm=layernorm has no transformers counterpart"], [run("m", stage="pretrain", model=lambda: lm(norm="layernorm"))]),
         ("GPT-2 with grouped-query attention", ["init_from={in}/m/pretrain/default"], ["n_kv_head=1 (grouped-query attention) has no GPT-2 counterpart"], [run("m", stage="pretrain", model=lambda: lm(n_kv_head=1, **ARCHS["gpt2"]))]),
     ),
 ]
 
+REWARDS_AS_CODE = [
+    *rows(
+        "grpo",
+        ("a reward function that cannot be imported", ["grpo.reward=no_such_module_xyz:score"], ["no_such_module_xyz:score", "no_such_module_xyz"]),
+        ("a reward function file with a syntax error", ["grpo.reward={in}/bad_reward.py:score"], ["{in}/bad_reward.py", "line 1"], [file("bad_reward.py", "def score(:\n")]),
+        ("a reward function that is not there", ["grpo.reward={in}/my_reward.py:scroe"], ["{in}/my_reward.py", "scroe"], [file("my_reward.py", "def score(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")]),
+        ("weights of another length", ["grpo.reward=[gold,rm]", "grpo.reward_weights=[1.0]"], ["grpo.reward_weights", "2"]),
+    ),
+    *rows(
+        "dpo",
+        ("prompt-only data", ["data.path={in}/prompts.jsonl"], ["{in}/prompts.jsonl", "chosen", "rejected"], [jsonl("prompts.jsonl", [{"prompt": f"say {i}"} for i in range(10)])]),
+        ("prompt-completion data", ["data.path={in}/sft.jsonl"], ["{in}/sft.jsonl", "chosen", "rejected"], [jsonl("sft.jsonl", completions())]),
+    ),
+]
+
 RECIPE = [
+    Row("compare: a method of a stage that trains no policy", ["recipe=compare", "compare.methods.ppo.stage=reward"], ["compare.methods.ppo.stage=reward: must be a stage that trains a policy from the SFT model"]),
     Row("recipe: a stage that does not train", ["recipe.stages=[pretrain,generate]"], ["recipe instructgpt: ['generate'] are not training stages"]),
     Row("recipe: a bad value fails before the first stage starts", ["ppo.temperature=0"], ["ppo.temperature=0: must be > 0"]),
     Row("recipe: a bad value in one stage's own overrides", ['recipe.overrides.ppo=["ppo.kl_estimator=k5"]'], ["recipe.overrides.ppo: ppo.kl_estimator=k5: must be one of k1, k2, k3"]),
@@ -554,7 +601,7 @@ RECIPE = [
     Row("pretrain: an interpolation to a missing key", ["stage=pretrain", "data.seq_len=${model.blocksize}"], ["Interpolation key 'model.blocksize' not found"]),
 ]
 
-ROWS = CONFIG + FILES + PARENT_ROWS + RECIPE
+ROWS = CONFIG + FILES + PARENT_ROWS + REWARDS_AS_CODE + RECIPE
 
 # The same check at the process boundary: `python -m pipeline` in a fresh interpreter.
 PROCESS_ROWS = [
@@ -718,8 +765,10 @@ def test_bad_input_in_a_process(row: Row, processes):
 def test_every_default_config_passes_the_checks():
     """The checks refuse what is wrong, never a stage's own defaults, with any model, trainer or logger choice."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for stage in ("pretrain", "sft", "reward", "ppo", "generate", "export"):
+        for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "generate", "export"):
             check_config(compose("config", overrides=[f"stage={stage}"]))
+        for recipe in ("instructgpt", "dpo", "grpo", "rlvr", "compare"):
+            check_config(compose("config", overrides=[f"recipe={recipe}"]))
         for choice in ([], ["model=gpt2"], ["model=small"], ["trainer=ddp"], ["trainer=gpu"], ["trainer=fsdp"], ["logger=csv"]):
             check_config(compose("config", overrides=choice))  # the recipe: every stage's keys at once
 
@@ -728,7 +777,7 @@ def test_every_default_config_passes_the_checks():
 def composed():
     """Each stage's composed config, composed once: a VALUES case changes a copy."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return {stage: compose("config", overrides=[f"stage={stage}"]) for stage in {case[0] for case in VALUES}}
+        return {stage: compose("config", overrides=[stage if "=" in stage else f"stage={stage}"]) for stage in {case[0] for case in VALUES}}
 
 
 @pytest.mark.parametrize("stage, override, words", VALUES, ids=[case[1] for case in VALUES])
@@ -748,6 +797,6 @@ def test_every_rule_has_a_case():
 
 def test_the_catalogue_covers_every_stage():
     stages = {next((a.split("=", 1)[1] for a in row.argv if a.startswith("stage=")), "all") for row in ROWS}
-    assert {"pretrain", "sft", "reward", "ppo", "generate", "export", "all"} <= stages
+    assert {"pretrain", "sft", "reward", "ppo", "dpo", "grpo", "generate", "export", "all"} <= stages
     assert len(ROWS) + len(PROCESS_ROWS) >= 80
     assert len({row.what for row in ROWS + PROCESS_ROWS}) == len(ROWS + PROCESS_ROWS)

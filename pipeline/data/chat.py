@@ -141,6 +141,9 @@ def encode_pairs(ds, tokenizer, fmt: DataFormat, max_len: int, source: str):
             prompt_len = len(once((head,), lambda: prompt_ids(tokenizer, prompt)))
             if prompt_len >= max_len:
                 raise UserError(f"{source}: row {source_row(ds, index)} has a prompt of {prompt_len} tokens, longer than the model's context of {max_len}")
+        else:  # implicit prompt: the exchange both share (TRL's extraction), each answer keeping at least its last token
+            limit = min(len(chosen), len(rejected)) - 1
+            prompt_len = next((k for k in range(limit) if chosen[k] != rejected[k]), max(limit, 0))
         gold = 0.0
         if has_gold:
             gold = float((row["chosen_gold"] > row["rejected_gold"]) - (row["chosen_gold"] < row["rejected_gold"]))
@@ -148,6 +151,7 @@ def encode_pairs(ds, tokenizer, fmt: DataFormat, max_len: int, source: str):
             "prompt_key": _prompt_key(head) if prompt is not None else -1 - index,  # rows of one prompt share it
             "chosen_ids": chosen[:max_len],
             "rejected_ids": rejected[:max_len],
+            "prompt_len": prompt_len,  # where the answers start: the tokens DPO scores
             "margin": float(row["margin"]) if has_margin else 0.0,
             "gold_sign": gold,  # +1 the label agrees with the noise-free judge, -1 it disagrees, 0 a tie / unknown
         }

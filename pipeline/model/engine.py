@@ -1,7 +1,8 @@
 """The one generation path: left-padded batches, KV-cache sampling and the log-probs of chosen tokens.
 
 Generate, the SFT and PPO evaluations, PPO's rollouts and the report all sample through `generate`;
-it knows token ids only (no tokenizer), so a server or a new RL stage reuses it as it is.
+it knows token ids only (no tokenizer), so a server or a new RL stage reuses it as it is; GRPO
+draws its groups with `num_samples` (one prefill per prompt).
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
         logits = logits / temperature
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logprobs(model: GPT, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the scored tokens of a `data.collators.pack_sequences` batch, and their sum per sequence.
+
+    One forward over the batch (packed rows read each shared prompt once); returns the per-token
+    log-probs (n_targets,), aligned with batch["target_seq"], and the sums (N,), one per sequence.
+    """
+    if "packed_mask" in batch:
+        logits = model(batch["input_ids"], packed=(batch["positions"], batch["packed_mask"]))
+    else:
+        logits = model(batch["input_ids"])  # right padding: causal attention needs no mask
+    picked = logits.flatten(0, 1)[batch["target_index"]]  # (n_targets, V)
+    per_token = token_logprobs(picked[None], batch["target_ids"][None], temperature)[0]
+    sums = per_token.new_zeros(batch["score_index"].numel()).index_add(0, batch["target_seq"], per_token)
+    return per_token, sums
 
 
 @dataclass
@@ -75,6 +92,7 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    num_samples: int = 1,
 ) -> Generation:
     """Sample continuations of a batch of left-padded prompts with a KV cache.
 
@@ -82,7 +100,13 @@ def generate(
     attention_mask (B, T) marks real tokens. temperature 0 is greedy. Rows stop at eos_id, which is
     kept as the last real token; later positions hold pad_id. The returned log-probs are under the
     temperature-scaled full distribution (before top-k/top-p), the quantity PPO recomputes.
+
+    num_samples G > 1 draws G continuations of every prompt (GRPO's groups): the prompts are
+    prefilled once, then the cache and the last logits are copied to B*G rows, prompt-major (row
+    b*G+g is sample g of prompt b), and every returned tensor has B*G rows.
     """
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be >= 1")
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -96,10 +120,14 @@ def generate(
     model.eval()
     cache = model.new_kv_cache(B, T + max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_zeros(B, max_new_tokens)], dim=1)  # (B, T+N)
+    logits = model(input_ids, attention_mask=mask[:, :T], kv_cache=cache)[:, -1]  # prefill: (B, V)
+    if num_samples > 1:  # the samples of a prompt share its prefill; they differ from the first sampled token on
+        cache.repeat_interleave(num_samples)
+        logits, mask = logits.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0)
+        B = B * num_samples
     tokens = input_ids.new_full((B, max_new_tokens), pad_id)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits = model(input_ids, attention_mask=mask[:, :T], kv_cache=cache)[:, -1]  # prefill: (B, V)
     steps = 0
     for i in range(max_new_tokens):
         logits = logits.float()

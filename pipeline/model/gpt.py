@@ -153,6 +153,14 @@ class KVCache:
     def advance(self, steps: int) -> None:
         self.pos += steps
 
+    def repeat_interleave(self, n: int) -> None:
+        """Give each row n copies, in place: (B, ...) -> (B*n, ...), row b*n+i a copy of row b.
+
+        Several samples of one prompt then share the prompt's prefill (GRPO's groups).
+        """
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):

@@ -47,7 +47,7 @@ class Stage:
         return importlib.import_module(f"{__name__}.{self.name}")
 
 
-_POLICIES = ("ppo", "sft", "pretrain")  # the most trained first: what generate and export take by default
+_POLICIES = ("ppo", "grpo", "dpo", "sft", "pretrain")  # the most trained first: what generate and export take by default
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -67,6 +67,25 @@ STAGES: dict[str, Stage] = {
             chat=True,
             headline="gold score {gold/start} -> {gold/final}; RM score {start/rm_score} -> {final/rm_score}; KL {final/kl}",
             curves=("loss/policy_avg", "loss/value_avg"),
+            steps="train/iterations",
+            speed="perf/gen_tokens_per_s",
+        ),
+        Stage(
+            "dpo",
+            starts_from=("sft",),
+            policy=True,
+            chat=True,
+            headline="gold score {gold/start} -> {gold/final}; KL {final/kl}; reward accuracy {val/rewards/accuracies}",
+            curves=("train/loss", "val/loss"),
+        ),
+        Stage(
+            "grpo",
+            starts_from=("sft",),
+            inputs={"reward_from": ("reward",)},  # with grpo.reward=rm only
+            policy=True,
+            chat=True,
+            headline="gold score {gold/start} -> {gold/final}; reward {start/reward} -> {final/reward}; KL {final/kl}",
+            curves=("loss/policy_avg", "objective/kl"),
             steps="train/iterations",
             speed="perf/gen_tokens_per_s",
         ),

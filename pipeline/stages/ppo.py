@@ -16,26 +16,19 @@ from the RM, whitened advantages, clipped value loss. Metric names follow TRL.
 from __future__ import annotations
 
 import logging
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from pipeline import runs
-from pipeline.data import DataFormat, load_stage_data, validate_rows
-from pipeline.data.chat import prompt_ids, prompt_text
-from pipeline.data.corpus import embedded_task, load_corpus
-from pipeline.data.loading import source_row
+from pipeline.data.chat import prompt_ids
+from pipeline.data.corpus import load_corpus
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError
-from pipeline.files import read_json, write_json
 from pipeline.losses.lm import next_token_loss
 from pipeline.losses.ppo import (
     AdaptiveKLController,
@@ -48,10 +41,12 @@ from pipeline.losses.ppo import (
     policy_loss,
     value_loss,
 )
-from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, last_token_index, left_pad, token_logprobs, truncate_after_eos
+from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, left_pad, token_logprobs, truncate_after_eos
+from pipeline.rl import Iterations  # noqa: F401  (re-exported: the PPO tests and the bench drive PPOModule with it)
+from pipeline.rl import OnlineRLModule, check_prompt_count, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import build_trainer, finish, is_global_zero, log_table, resume_checkpoint
+from pipeline.training import finish
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +68,11 @@ class Rollout:
     finished: torch.Tensor  # (B,) ended with EOS
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(OnlineRLModule):
     """Actor, critic, frozen reference and reward model; manual optimisation of actor and critic."""
+
+    stage = "ppo"
+    batch_key = "rollout_batch_size"
 
     def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int):
         super().__init__()
@@ -90,13 +88,7 @@ class PPOModule(pl.LightningModule):
         self.cfg = OmegaConf.create(ppo)
         kl = self.cfg
         self.kl_ctl = AdaptiveKLController(kl.kl_coef, kl.target_kl, kl.horizon) if kl.adaptive_kl else FixedKLController(kl.kl_coef)
-        self.prompts: list[list[int]] = []  # token ids of every training prompt (set by the stage)
-        self.eval_prompts: list = []  # held-out prompts (TRL format) for the gold score
-        self.tokenizer = None
-        self.gold_fn = None  # prompt text, response text -> gold score; None where no judge applies
         self.reward_fn = None  # optional override of the RM (toy rewards in tests): (sequences, attention, response tokens, mask) -> (B,)
-        self.iteration = 0
-        self.history: list[dict] = []  # eval figures over training: the over-optimisation curve
         self.ema = None
         self.ptx_blocks: torch.Tensor | None = None  # (N, L + 1) token blocks of pretraining text for PPO-ptx
 
@@ -111,63 +103,16 @@ class PPOModule(pl.LightningModule):
         logits = self.actor(blocks[:, :-1])
         return next_token_loss(logits, blocks[:, 1:])
 
-    # -- data ------------------------------------------------------------------------------
-
-    def prompt_batch(self, iteration: int) -> list[list[int]]:
-        """This rank's prompts for an iteration: a seeded permutation, disjoint across ranks, replayable on resume."""
-        B = self.cfg.rollout_batch_size
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        per_epoch = max(1, len(self.prompts) // (B * world))
-        epoch, slot = divmod(iteration, per_epoch)
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.hparams.seed * 1000 + epoch))
-        start = (slot * world + rank) * B
-        return [self.prompts[i] for i in order[start : start + B].tolist()]
-
     def on_fit_start(self) -> None:
         if self.cfg.ema_decay and self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
-
-    def sample_generator(self, iteration: int, purpose: int = 0) -> torch.Generator:
-        """The sampling generator of one rank at one iteration, from (seed, rank, iteration) alone.
-
-        Each rank samples differently, and a resumed run (any number of processes) draws exactly what
-        the uninterrupted one drew, with no generator state to save.
-        """
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        seed = (self.hparams.seed * 1_000_003 + rank * 7919 + iteration * 104_729 + purpose * 15_485_863) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    # -- the ranks agree ---------------------------------------------------------------------
-
-    def world_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the DDP ranks (x itself on one process)."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return x
-        return trainer.strategy.reduce(x.detach().clone(), reduce_op="sum")
-
-    def world_mean(self, x: torch.Tensor) -> torch.Tensor:
-        trainer = self._trainer
-        return self.world_sum(x) / (trainer.world_size if trainer is not None else 1)
-
-    def check_finite(self, what: str, *tensors: torch.Tensor) -> None:
-        """Stop every rank when any rank holds a non-finite value: all ranks reach this check, so none hangs in a collective."""
-        bad = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in tensors)), device=self.device)
-        if float(self.world_sum(bad)) > 0:
-            self.diverged(what)
 
     # -- rollout ---------------------------------------------------------------------------
 
     def score(self, sequences, attention, response, response_mask) -> torch.Tensor:
         if self.reward_fn is not None:
             return self.reward_fn(sequences, attention, response, response_mask).float()
-        values = self.reward_model(sequences, attention_mask=attention)  # (B, T)
-        raw = values.gather(1, last_token_index(attention)[:, None]).squeeze(1).float()
-        norm = self.hparams.reward_norm
-        scaled = raw - norm.get("reward_mean", 0.0)
-        if self.cfg.scale_reward_by_std:
-            scaled = scaled / norm.get("reward_std", 1.0)
-        return scaled
+        return rm_scores(self.reward_model, sequences, attention, self.hparams.reward_norm, self.cfg.scale_reward_by_std)
 
     def forward_policy(self, model: GPT, sequences, attention, prompt_len: int, response) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs (under the sampling temperature) of the response tokens, and the logits that gave them."""
@@ -318,37 +263,13 @@ class PPOModule(pl.LightningModule):
         }
         self.log_dict({k: float(v) for k, v in figures.items()})
 
-    def diverged(self, what: str) -> None:
-        raise UserError(
-            f"PPO diverged at iteration {self.iteration}: non-finite {what}. The last good checkpoint is kept "
-            f"(checkpoints/last.ckpt); lower optim.lr, raise ppo.kl_coef or lower ppo.clip_ratio"
-        )
-
-    def save_last(self) -> None:
-        """Checkpoint at an iteration boundary, atomically: a kill leaves the previous or the new file."""
-        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        tmp = path.with_name(".last.ckpt.tmp")
-        self.trainer.save_checkpoint(tmp, weights_only=False)  # the whole state: optimisers, loops, RNGs
-        if self.trainer.is_global_zero:
-            os.replace(tmp, path)
-        self.trainer.strategy.barrier()
-
     # -- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def answer(self, prompts: list) -> tuple[list[str], torch.Tensor]:
+    def eval_answers(self, prompts: list) -> tuple[list[str], dict[str, torch.Tensor]]:
         """Greedy answers and their normalised RM scores."""
-        tok = self.tokenizer
-        ids, mask = left_pad([prompt_ids(tok, p) for p in prompts], self.hparams.pad_id, self.device)
-        gen = generate(self.actor, ids, mask, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0, eos_id=self.hparams.eos_id, pad_id=self.hparams.pad_id)
-        response, rmask = truncate_after_eos(gen.tokens, gen.mask, self.hparams.eos_id, self.hparams.pad_id)
-        seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
-        scores = self.score(seqs, att, response, rmask)
-        texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
-        self.actor.train()
-        return texts, scores
+        seqs, att, response, rmask, texts = self.greedy([prompt_ids(self.tokenizer, p) for p in prompts])
+        return texts, {"eval/rm_score": self.score(seqs, att, response, rmask)}
 
-    @torch.no_grad()
     def sampled_kl(self, prompts: list) -> torch.Tensor:
         """KL(policy || reference) in nats per response, one sampled response per prompt: (B,).
 
@@ -357,36 +278,7 @@ class PPOModule(pl.LightningModule):
         answer's log-ratio is not a KL estimate (it is not a sample), so the x-axis of the evaluation
         curve is this one. The generator depends on the seed alone: every evaluation draws alike.
         """
-        ids, mask = left_pad([prompt_ids(self.tokenizer, p) for p in prompts], self.hparams.pad_id, self.device)
-        self.actor.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + 12_345)
-        gen = generate(self.actor, ids, mask, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, eos_id=self.hparams.eos_id, pad_id=self.hparams.pad_id, generator=generator)
-        response, rmask = truncate_after_eos(gen.tokens, gen.mask, self.hparams.eos_id, self.hparams.pad_id)
-        seqs, att = torch.cat([ids, response], 1), torch.cat([mask, rmask], 1)
-        lp, _ = self.forward_policy(self.actor, seqs, att, ids.size(1), response)
-        ref, _ = self.forward_policy(self.reference, seqs, att, ids.size(1), response)
-        self.actor.train()
-        return ((lp - ref) * rmask).sum(1)
-
-    def evaluate(self) -> dict:
-        if not self.eval_prompts or self.tokenizer is None:
-            return {}
-        texts, scores = self.answer(self.eval_prompts)
-        kl = self.sampled_kl(self.eval_prompts)
-        point = {"iteration": self.iteration, "eval/rm_score": float(scores.mean()), "eval/kl": float(kl.mean())}
-        golds = []
-        if self.gold_fn is not None:
-            golds = [self.gold_fn(prompt_text(p), t) for p, t in zip(self.eval_prompts, texts)]
-            point["eval/gold_score"] = sum(golds) / len(golds)
-        self.history.append(point)
-        trainer = self._trainer
-        if trainer is not None and trainer.training:
-            self.log_dict({k: v for k, v in point.items() if k != "iteration"}, sync_dist=False)
-            rows = [[prompt_text(p), t, float(s), (golds[i] if golds else float("nan")), float(k)] for i, (p, t, s, k) in enumerate(zip(self.eval_prompts, texts, scores, kl))]
-            if trainer.is_global_zero:
-                log_table(trainer.logger, "samples/ppo", ["prompt", "greedy response", "rm score", "gold score", "sampled kl"], rows[:32])
-        log.info("eval at iteration %d: %s", self.iteration, {k: round(v, 4) for k, v in point.items() if k != "iteration"})
-        return point
+        return self.kl_to_reference([prompt_ids(self.tokenizer, p) for p in prompts])
 
     # -- optimisers and checkpoint state ----------------------------------------------------
 
@@ -399,48 +291,17 @@ class PPOModule(pl.LightningModule):
         decay = lambda it: max(0.0, 1.0 - it / max(1, total)) if self.cfg.anneal_lr else 1.0  # noqa: E731
         return [actor, critic], [torch.optim.lr_scheduler.LambdaLR(actor, decay), torch.optim.lr_scheduler.LambdaLR(critic, decay)]
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ppo_state"] = {
-            "iteration": self.iteration,
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "history": self.history,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(),
-            "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],  # plain lists: checkpoints load with weights_only
-            "ema": self.ema,
-        }
+    def extra_state(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "ema": self.ema}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["ppo_state"]
-        self.iteration = state["iteration"]
+    def load_extra_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.history = state["history"]
         self.ema = state["ema"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
     def on_train_start(self) -> None:
         if self.ema is not None:  # a checkpoint's EMA arrives on the CPU; it averages the actor where the actor lives
             device = next(self.actor.parameters()).device
             self.ema = {k: v.to(device) for k, v in self.ema.items()}
-
-
-class Iterations(torch.utils.data.Dataset):
-    """Drives the loop: item i is PPO iteration i (the prompts themselves are chosen by the module)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,61 +319,6 @@ def reset_value_head(critic: ScalarGPT) -> None:
     with torch.no_grad():
         critic.score_head.weight.zero_()
         critic.score_head.bias.zero_()
-
-
-def planned_world_size(cfg: DictConfig) -> int | None:
-    """The processes cfg.trainer asks for (devices x nodes) where devices is a number; None where Lightning decides (auto, -1)."""
-    devices = cfg.trainer.get("devices")
-    if isinstance(devices, int) and devices > 0:
-        return devices * int(cfg.trainer.get("num_nodes") or 1)
-    return None
-
-
-def check_prompt_count(n: int, batch: int, world: int | None, source: str) -> None:
-    """Every rank draws its own rollout_batch_size prompts per iteration: fewer prompts than all ranks need would give empty batches."""
-    if world is not None and n < batch * world:
-        raise UserError(
-            f"{source} [train] has {n} prompts, fewer than ppo.rollout_batch_size x processes = {batch} x {world} = {batch * world}: "
-            f"lower ppo.rollout_batch_size or add prompts"
-        )
-
-
-def check_reward_model(payload: dict, path: Path, tokenizer, actor_config: GPTConfig, actor_path: Path) -> None:
-    """The reward model must read the policy's tokens, see its whole sequences and carry its score normaliser."""
-    if payload.get("kind") != "scalar":
-        raise UserError(f"reward_from={path} is not a reward model (its model.pt has kind {payload.get('kind')!r})")
-    needed = {"reward_mean", "reward_std"} - set(payload.get("extra", {}))
-    if needed:
-        raise UserError(
-            f"reward_from={path} lacks the reward model's score normaliser ({', '.join(sorted(needed))}, computed when the reward "
-            f"stage finishes): pass the reward run's directory or its model.pt, not a checkpoint"
-        )
-    if runs.tokenizer_fingerprint(runs.load_start_tokenizer(path)) != runs.tokenizer_fingerprint(tokenizer):
-        raise UserError(f"reward_from={path} uses another tokenizer than the policy init_from={actor_path}: train the reward model from the same SFT run")
-    rm_block = int(payload["config"]["block_size"])
-    if rm_block < actor_config.block_size:
-        raise UserError(
-            f"reward_from={path} reads {rm_block} tokens (block_size), fewer than the policy's {actor_config.block_size} (init_from={actor_path}): "
-            f"the reward model must see the policy's whole sequences"
-        )
-
-
-def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int) -> tuple[list[list[int]], list, str]:
-    """Training prompts (as token ids) and held-out prompts (as TRL prompts) through the shared loader."""
-    ds, fmt, source = load_stage_data(cfg, "ppo", {"prompt_only", "prompt_completion", "preference"}, embedded_task(Path(cfg.paths.cache_dir), "prompts"))
-    if fmt.implicit_prompt:
-        raise UserError(f"stage 'ppo' needs explicit prompts; {source} has implicit-prompt preference data")
-    for split in ds:
-        validate_rows(ds[split].select_columns(["prompt"]), DataFormat("prompt_only", fmt.conversational), f"{source} [{split}]")
-    prompts = []
-    for i, p in enumerate(ds["train"]["prompt"]):
-        ids = prompt_ids(tokenizer, p)
-        if len(ids) > max_prompt:
-            raise UserError(f"{source} [train], row {source_row(ds['train'], i)}: the prompt has {len(ids)} tokens; with ppo.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
-        prompts.append(ids)
-    held_out = ds["test"] if "test" in ds else ds["validation"]
-    eval_prompts = [held_out[i]["prompt"] for i in range(min(cfg.ppo.eval_prompts, len(held_out)))]
-    return prompts, eval_prompts, source
 
 
 def load_ptx_blocks(cfg: DictConfig, tokenizer, block_size: int) -> torch.Tensor:
@@ -534,24 +340,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     actor, tokenizer, actor_payload, actor_path = runs.load_start(cfg.init_from, STAGES["ppo"].starts_from, root, "ppo", run_name=run_dir.name)
     if actor_payload.get("kind") == "scalar":
         raise UserError(f"init_from={actor_path} is a reward model (a scalar head), not a policy: PPO's policy starts from an SFT run")
-    reward_path = runs.resolve_start(cfg.reward_from, STAGES["ppo"].inputs["reward_from"], root, "ppo", key="reward_from", run_name=run_dir.name)
-    reward_payload = runs.load_model_payload(reward_path)
-    check_reward_model(reward_payload, reward_path, tokenizer, actor.config, actor_path)
-    reward_model = runs.build_model(reward_payload, ScalarGPT, reward_path)
+    reward_model, reward_payload, reward_path = load_reward_model(cfg, "ppo", STAGES["ppo"].inputs["reward_from"], tokenizer, actor, actor_path, run_dir.name)
     parents = runs.parent_record(init_from=actor_path, reward_from=reward_path)
     runs.check_parents(run_dir, parents)
     max_prompt = actor.config.block_size - cfg.ppo.max_new_tokens
     if max_prompt < 1:
         raise UserError(f"ppo.max_new_tokens={cfg.ppo.max_new_tokens} leaves no room for a prompt in the policy's context of {actor.config.block_size} tokens (init_from={actor_path})")
-    prompts, eval_prompts, source = load_prompts(cfg, tokenizer, max_prompt)
-    check_prompt_count(len(prompts), int(cfg.ppo.rollout_batch_size), planned_world_size(cfg), source)
+    prompts, _, eval_prompts, source = load_prompts(cfg, tokenizer, max_prompt, "ppo")
+    check_prompt_count(len(prompts), int(cfg.ppo.rollout_batch_size), planned_world_size(cfg), source, "ppo.rollout_batch_size")
 
     module = PPOModule(
         actor_config=actor.config.to_dict(),
         reward_config=reward_model.config.to_dict(),
         ppo=OmegaConf.to_container(cfg.ppo, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        reward_norm={k: v for k, v in reward_payload.get("extra", {}).items() if isinstance(v, (int, float))},
+        reward_norm=reward_normaliser(reward_payload),
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
@@ -565,42 +368,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module.prompts, module.eval_prompts, module.tokenizer = prompts, eval_prompts, tokenizer
     if cfg.ppo.ptx_coef:
         module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, actor.config.block_size)
-    use_gold = cfg.eval.gold if cfg.eval.gold != "auto" else not cfg.data.path
-    if use_gold:
+    if uses_gold(cfg):
         module.gold_fn = default_task().gold_score
     iterations = int(cfg.ppo.iterations)
     log.info("ppo: %d prompts from %s; actor %s; reward model %s; %d iterations", len(prompts), source, actor_path, reward_path, iterations)
 
-    trainer, _ = build_trainer(
-        cfg,
-        run_dir,
-        monitor=None,
-        mode="max",
-        max_steps=-1,
-        max_epochs=1,
-        limit_train_batches=iterations,
-        limit_val_batches=0,
-        val_check_interval=1.0,
-        check_val_every_n_epoch=1,
-        gradient_clip_val=None,
-        accumulate_grad_batches=1,
-        use_distributed_sampler=False,
-        log_every_n_steps=1,
-        parents=[actor_path, reward_path],
-    )
-    check_prompt_count(len(prompts), int(cfg.ppo.rollout_batch_size), trainer.world_size, source)  # the world as Lightning counts it
-    ckpt = resume_checkpoint(cfg, run_dir)
-    start_point = None
-    if ckpt is None and is_global_zero():
-        module.to(trainer.strategy.root_device)
-        start_point = module.evaluate()
-        write_json(run_dir / "ppo_start.json", start_point)
-    loader = DataLoader(Iterations(iterations), batch_size=1, collate_fn=lambda items: items[0])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=True)
+    trainer, start_point, final_point = fit_online(cfg, run_dir, module, iterations, [actor_path, reward_path], len(prompts), source)
     if not trainer.is_global_zero:
         return {}
-    final_point = module.history[-1] if module.history and module.history[-1]["iteration"] == module.iteration else module.evaluate()
-    start_point = start_point or read_json(run_dir / "ppo_start.json")
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics = {
         "stage": "ppo",

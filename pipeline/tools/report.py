@@ -197,17 +197,20 @@ def plot_online_rl(root: Path, name: str, stage: str, metrics: dict | None, out_
         ax.legend(fontsize=8)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    reward_series = [("eval/rm_score", "RM score (held out)")]
-    if all("eval/gold_score" in p for p in evals):
+    # The proxy: the RM's score (PPO, GRPO on a reward model), else the stage's own reward (GRPO on gold or a function).
+    proxy, proxy_label = ("eval/rm_score", "RM score") if all("eval/rm_score" in p for p in evals) else ("eval/reward", "reward")
+    reward_series = [(proxy, f"{proxy_label} (held out)")]
+    if all("eval/gold_score" in p for p in evals) and proxy_label == "RM score":
         reward_series.append(("eval/gold_score", "gold score (held out)"))
-    panel(left, "reward", reward_series, "objective/scores", "RM score (rollouts)")
+    rollout_reward = "objective/scores" if history_series(rows, "objective/scores")[0] else "reward"
+    panel(left, "reward", reward_series, rollout_reward, f"{proxy_label} (rollouts)")
     panel(right, "KL (nats per response)", [("eval/kl", "KL to SFT, sampled (held out)")], "objective/kl", "KL (rollouts)")
     save_figure(fig, out_curves)
     written.append(out_curves)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     kls = [p.get("eval/kl") for p in evals]
-    ax.plot(kls, [p.get("eval/rm_score") for p in evals], marker="o", label="proxy: RM score")
+    ax.plot(kls, [p.get(proxy) for p in evals], marker="o", label=f"proxy: {proxy_label}")
     if all("eval/gold_score" in p for p in evals):
         ax.plot(kls, [p["eval/gold_score"] for p in evals], marker="o", label="gold score")
     ax.set_xlabel("KL to the SFT policy (nats per response, sampled estimate)")
