@@ -1,6 +1,6 @@
 """`python -m pipeline stage=export`: a finished run as a Hugging Face `transformers` folder with its tokenizer.
 
-    python -m pipeline stage=export                          # the newest finished ppo, else sft, else pretrain run
+    python -m pipeline stage=export                          # the newest finished ppo, else grpo, dpo, sft, pretrain run
     python -m pipeline stage=export init_from=outputs/sft/default export.out_dir=my_model
     python -m pipeline stage=sft init_from=path/to/hf_folder # any stage starts from a transformers folder
 

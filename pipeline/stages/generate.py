@@ -5,7 +5,7 @@
     python -m pipeline stage=generate init_from=outputs/sft/default        # chat in the terminal
 
 The model is `init_from` (a run directory, a model.pt or a Lightning .ckpt), else the newest
-finished PPO run, else SFT, else pretrain. Text prompts reach SFT and PPO models as a user turn of
+finished PPO run, else GRPO, DPO, SFT, pretrain. Text prompts reach SFT and PPO models as a user turn of
 the chat template (what they were trained on), pretrained models as plain text (`chat=`). Answers are printed and written to generations.jsonl in
 this run's directory. A generate run writes no model.pt, so it is never a finished run that a
 rerun skips or that a training stage starts from.

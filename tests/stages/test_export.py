@@ -15,12 +15,12 @@ from pipeline.stages import STAGES
 
 
 def test_default_source_prefers_ppo_then_sft_then_pretrain(tokenizer, tmp_path):
-    assert STAGES["export"].starts_from == ("ppo", "sft", "pretrain")
+    assert STAGES["export"].starts_from == ("ppo", "grpo", "dpo", "sft", "pretrain")  # the most trained first
 
     def source_run():  # what the stage starts from without init_from
         return runs.resolve_start(None, STAGES["export"].starts_from, tmp_path, "export")
 
-    with pytest.raises(UserError, match="no finished ppo/sft/pretrain run"):
+    with pytest.raises(UserError, match="no finished ppo/grpo/dpo/sft/pretrain run"):
         source_run()
     sft = finished_run(tmp_path, "sft", "a", tiny_model(), tokenizer)
     finished_run(tmp_path, "pretrain", "b", tiny_model(), tokenizer)  # newer, but an earlier stage
