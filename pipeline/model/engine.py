@@ -46,7 +46,9 @@ def sequence_logprobs(model: GPT, batch: dict, temperature: float = 1.0) -> tupl
         logits = model(batch["input_ids"], packed=(batch["positions"], batch["packed_mask"]))
     else:
         logits = model(batch["input_ids"])  # right padding: causal attention needs no mask
-    picked = logits.flatten(0, 1)[batch["target_index"]]  # (n_targets, V)
+    # index_select, not [index]: a shared prompt's last position predicts every answer's first token, and the
+    # backward of advanced indexing with repeated indices sums in a thread-dependent order (no exact resume).
+    picked = logits.flatten(0, 1).index_select(0, batch["target_index"])  # (n_targets, V)
     per_token = token_logprobs(picked[None], batch["target_ids"][None], temperature)[0]
     sums = per_token.new_zeros(batch["score_index"].numel()).index_add(0, batch["target_seq"], per_token)
     return per_token, sums

@@ -132,7 +132,8 @@ class GRPOModule(OnlineRLModule):
 
     def response_logprobs(self, model: GPT, batch: dict, n_seqs: int, width: int, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (n_seqs, width) of each response's tokens under the sampling temperature, and their entropies where asked."""
-        picked = forward_batch(model, batch).flatten(0, 1)[batch["target_index"]]  # (n_targets, V): the logits that predict each response token
+        # index_select: repeated indices (a group's shared prompt) give a deterministic backward (see engine.sequence_logprobs)
+        picked = forward_batch(model, batch).flatten(0, 1).index_select(0, batch["target_index"])  # (n_targets, V): the logits that predict each response token
         per_token = token_logprobs(picked[None], batch["target_ids"][None], self.cfg.temperature)[0]
         logprobs = dense_tokens(per_token, batch["target_seq"], n_seqs, width)
         if not entropy:
