@@ -12,8 +12,9 @@ from pipeline import runs
 from pipeline.model import ScalarGPT
 
 TOY = [
-    "~compare.methods.grpo_rm",  # three of the five methods: each stage once (the plan of all five: tests/tools/test_compare.py)
+    "~compare.methods.grpo_rm",  # the two online stages (DPO's run alone: tests/stages/test_dpo.py; the plan of all five: tests/tools/test_compare.py)
     "~compare.methods.rloo_rm",
+    "~compare.methods.dpo",
     "compare.seeds=1",
     "compare.completions=8",  # PPO: 8 / 4 prompts = 2 iterations; GRPO: 8 / (2 prompts x 2 samples) = 2
     "ppo.rollout_batch_size=4",
@@ -27,7 +28,6 @@ TOY = [
     "grpo.max_new_tokens=6",
     "grpo.eval_prompts=4",
     "grpo.eval_every=1",
-    "dpo.train_pairs=64",
     "trainer.max_steps=2",
     "trainer.val_check_interval=1",
     "trainer.limit_val_batches=1",
@@ -49,10 +49,10 @@ def test_compare_runs_every_method_from_one_sft_model_on_one_budget_and_writes_t
     (reward / runs.TOKENIZER_DIR).symlink_to(sft / runs.TOKENIZER_DIR)
     run_pipeline("recipe=compare", "recipe.stages=[]", f"init_from={sft}", f"reward_from={reward}", *TOY, "hydra.run.dir=" + str(root / "all" / "toy"), root=root, timeout=900)
 
-    methods = {"ppo": "ppo", "grpo_gold": "grpo", "dpo": "dpo"}
+    methods = {"ppo": "ppo", "grpo_gold": "grpo"}
     metrics = {m: json.loads((root / stage / f"toy-{m}-s0" / "metrics.json").read_text()) for m, stage in methods.items()}
     assert all(m["init_from"] == str(sft / runs.MODEL_FILE) for m in metrics.values())
-    assert metrics["ppo"]["reward_from"] == str(reward / runs.MODEL_FILE) and "reward_from" not in metrics["dpo"]
+    assert metrics["ppo"]["reward_from"] == str(reward / runs.MODEL_FILE) and "reward_from" not in metrics["grpo_gold"]
     assert metrics["ppo"]["train/iterations"] == 2 and metrics["grpo_gold"]["train/episodes"] == 8
     assert all("gold/final" in m and "final/kl" in m for m in metrics.values())
 
