@@ -81,16 +81,21 @@ def run_child(stage: str, command: list[str], env: dict) -> None:
         raise UserError(f"stage '{stage}' failed (exit code {result.returncode}); rerun the same command to resume it")
 
 
-def parent_overrides(stage: str, done: dict[str, Path], user_init: str | None) -> list[str]:
-    """init_from and the other inputs (PPO's reward_from) of a stage: the latest finished recipe stage it takes each from."""
+def parent_overrides(stage: str, done: dict[str, Path], user: dict[str, str | None]) -> list[str]:
+    """init_from and the other inputs (reward_from) of a stage: the latest finished recipe stage it takes each from, else the user's value.
+
+    `user` holds what the command gave for those keys (init_from=, reward_from=): a recipe's first
+    stage starts from the user's model, and a comparison of methods uses the user's reward model
+    when the recipe trained none.
+    """
     spec = STAGES[stage]
     out = []
     for key, sources in (("init_from", spec.starts_from), *spec.inputs.items()):
         parent = next((d for s, d in reversed(list(done.items())) if s in sources), None)
         if parent is not None:
             out.append(f"{key}={parent}")
-        elif key == "init_from" and user_init and sources:
-            out.append(f"init_from={user_init}")  # the recipe's first stage starts from the user's model
+        elif user.get(key) and sources:
+            out.append(f"{key}={user[key]}")
     return out
 
 
@@ -121,21 +126,20 @@ def run_recipe(cfg: DictConfig) -> None:
 
         methods = plan_methods(cfg, name, root, passed, overrides_for)  # bad methods fail before the first stage trains
     done: dict[str, Path] = {}
+    user_inputs = {key: cfg.get(key) for key in inputs}  # what the command named: the fallback where the recipe trains no parent
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
     for stage in cfg.recipe.stages:
         stage_dir = root / stage / name
         own = list((cfg.recipe.get("overrides") or {}).get(stage) or [])
         command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), *own, f"hydra.run.dir={stage_dir}"]
-        run_child(stage, command + parent_overrides(stage, done, cfg.init_from), env)
+        run_child(stage, command + parent_overrides(stage, done, user_inputs), env)
         done[stage] = stage_dir
     if methods is not None:
         from pipeline.tools.compare import write_comparison
 
-        parents = {key: value for key, value in (o.split("=", 1) for o in parent_overrides_all(done, cfg))}
-        for run in methods:
+        for run in methods:  # each from the recipe's SFT run (and its reward run, for the stages that take one) or the user's
             command = [sys.executable, "-m", "pipeline", f"stage={run.stage}", *run.overrides, f"hydra.run.dir={run.run_dir}"]
-            command += [f"{k}={v}" for k, v in parents.items() if k == "init_from" or k in STAGES[run.stage].inputs]  # DPO has no reward_from
-            run_child(run.stage, command, env)
+            run_child(run.stage, command + parent_overrides(run.stage, done, user_inputs), env)
         out = write_comparison(root, name, methods, Path(cfg.paths.run_dir))
         log.info("comparison: %s", out)
     log.info("pipeline finished: runs under %s/*/%s", root, name)
@@ -152,21 +156,6 @@ def run_recipe(cfg: DictConfig) -> None:
         wandb_group=cfg.logger.group if use_wandb else None,  # null: pipeline-<name>, the stages' group
     )
     log.info("report: %s", report)
-
-
-def parent_overrides_all(done: dict[str, Path], cfg: DictConfig) -> list[str]:
-    """The compared methods' parents: the recipe's SFT run (or the user's init_from) and its reward run."""
-    out = []
-    sft = done.get("sft")
-    if sft is not None:
-        out.append(f"init_from={sft}")
-    elif cfg.init_from:
-        out.append(f"init_from={cfg.init_from}")
-    if "reward" in done:
-        out.append(f"reward_from={done['reward']}")
-    elif cfg.get("reward_from"):
-        out.append(f"reward_from={cfg.reward_from}")
-    return out
 
 
 # An absolute path: the installed copy of the configs or the checkout's conf/ (pipeline/__init__.py).

@@ -235,6 +235,13 @@ def reward(tmp_path_factory, files, sft):
     return both(tmp_path_factory, "reward", ["stage=reward", f"data.path={files['prefs']}", f"init_from={sft[0]}", f"paths.cache_dir={files['cache']}", *COMMON])
 
 
+@pytest.fixture(scope="module")
+def dpo(tmp_path_factory, files, sft):
+    # The reference's log-probs are computed before training and cached; the resumed process reads them back.
+    evaluation = ["eval.num_prompts=8", "eval.max_new_tokens=8"]
+    return both(tmp_path_factory, "dpo", ["stage=dpo", f"data.path={files['prefs']}", f"init_from={sft[0]}", f"paths.cache_dir={files['cache']}", *COMMON, *evaluation])
+
+
 def assert_same_training(whole: Path, resumed: Path, checkpoint: dict, final_keys: list[str]) -> None:
     assert checkpoint["Batches"]["batches"] > 0, checkpoint["Batches"]  # killed mid-epoch
     assert "ExactResume" in checkpoint["callbacks"]
@@ -263,6 +270,12 @@ def test_sft_resumes_exactly(sft):
 def test_reward_resumes_exactly(reward):
     whole, resumed, checkpoint = reward
     assert_same_training(whole, resumed, checkpoint, ["val/accuracy", "validation/margin", "normalise/reward_mean"])
+
+
+def test_dpo_resumes_exactly(dpo):
+    whole, resumed, checkpoint = dpo
+    assert (resumed / "reference_logps.pt").is_file()
+    assert_same_training(whole, resumed, checkpoint, ["val/loss", "val/rewards/accuracies", "val/rewards/margins", "final/kl"])
 
 
 @pytest.mark.slow

@@ -16,9 +16,15 @@ Rows (each with tokens/s of both sides and the ratio ours / peer):
   optimiser settings (Bradley-Terry loss on both sides); twice: on unrelated random pairs, and on K-wise
   pairs (4 answers to a prompt, every two a pair) where our stage scores each answer once after one
   copy of the prompt, as it does by default; both rows credit each side with the same tokens per pair;
-- online RL, in episodes/s: our PPO stage's LightningModule vs TRL's `RLOOTrainer` on the exported model,
-  the same toy reward (count of one token), batch of completions, completion length and KL to a frozen
-  reference, one optimisation step per batch on both sides;
+- DPO, in pairs/s: our DPO stage's LightningModule vs TRL's `DPOTrainer` on the exported model, the same
+  pairs, batch, optimiser settings, beta and sigmoid loss, the reference scoring every batch on both sides
+  (our `dpo.reference=online`, TRL's default); on K-wise pairs (4 answers a prompt, every two a pair) and on
+  one pair per prompt, the prompt three quarters of each row;
+- online RL, in episodes/s: our PPO stage's LightningModule vs TRL's `RLOOTrainer`, and our GRPO stage's vs
+  TRL's `GRPOTrainer` (same group size), on the exported model, the same reward function (count of one
+  token), batch of completions, KL to a frozen reference, one optimisation step per batch on both sides,
+  and equal lengths: neither side stops at EOS, so every completion is `bench.gen_tokens` long; each row
+  reports the mean tokens generated per episode on both sides;
 - generation: our KV-cache sampler (`pipeline.model.generate`) vs `transformers` `generate` on the
   exported weights, greedy, at batch 1 and batch `bench.gen_batch`, both made to produce exactly
   `bench.gen_tokens` new tokens (no stopping at EOS).
@@ -50,7 +56,7 @@ from pipeline.model.hf import to_transformers
 from pipeline.training import Batches, LanguageModelModule, adamw_with_schedule, device_peak_flops, model_config_from
 
 CONF_DIR = str(pipeline.CONF_DIR)
-BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1, "rl": 1}
+BENCH_DEFAULTS = {"batch_size": None, "steps": 20, "warmup": 5, "gen_tokens": 64, "gen_prompt": 16, "gen_batch": 64, "gen_repeats": 3, "sft": 1, "reward": 1, "dpo": 1, "rl": 1, "grpo_group": 8, "rl_prompt": 64}
 
 
 def compose_config(overrides: list[str]):
@@ -263,15 +269,24 @@ def sft_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
     return rows
 
 
+PAD_WORD, EOS_WORD = "<pad>", "<eos>"  # ids 0 and 1; not "t0" / "t1": a special token matches inside words ("t1146" -> "t1", "146")
+
+
 def word_tokenizer(vocab: int):
-    """A tokenizer over the ids the random rows use: TRL wants one (for padding), though the rows are tokenised already."""
+    """A tokenizer over the ids the random rows use: word i is "t<i>", 0 and 1 are pad and EOS. TRL wants one (for padding and text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text prompts "t5 t9 t3" (RLOO takes text)
+    words = {PAD_WORD: 0, EOS_WORD: 1, **{f"t{i}": i for i in range(2, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token=PAD_WORD))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text prompts "t5 t9 t3" (the RL and DPO trainers take text)
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # ids back to "t5 t9 t3"
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_WORD, eos_token=EOS_WORD)
+
+
+def words(ids) -> str:
+    """The text word_tokenizer reads back as exactly `ids`."""
+    return " ".join(PAD_WORD if i == 0 else EOS_WORD if i == 1 else f"t{i}" for i in ids)
 
 
 def sft_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
@@ -375,14 +390,55 @@ def reward_speed(cfg, model_config, batch_size: int, steps: int, warmup: int, an
     return ours_timer.rate(tokens), trl_timer.rate(tokens)
 
 
-RL_TARGET = 7  # the toy reward of the RL row: how often a completion says token 7
+RL_TARGET = 7  # the toy reward of the RL rows: how often a completion says token 7
 
 
-def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Episodes/s of online RL: (our PPO stage's LightningModule, TRL RLOOTrainer), same model, reward and batch.
+def rl_prompts(cfg, model_config, n: int) -> list[list[int]]:
+    """n random prompts of `bench.rl_prompt` tokens, without pad (0) or EOS (1)."""
+    g = torch.Generator().manual_seed(4)
+    return torch.randint(2, model_config.vocab_size, (n, int(cfg.bench.rl_prompt)), generator=g).tolist()
 
-    One optimisation step each per batch of `batch_size` sampled completions of at most
-    `bench.gen_tokens` tokens to `bench.gen_prompt`-token prompts, temperature 1, KL to a frozen
+
+class CountTarget:
+    """The RL rows' reward function in TRL's convention, on both sides: the count of token RL_TARGET in each completion.
+
+    It also records how many tokens each side generated per episode: TRL passes `completion_ids`
+    (up to EOS); our stages' modules count their own.
+    """
+
+    __name__ = "count_target"
+
+    def __init__(self):
+        self.lengths: list[int] = []
+
+    def __call__(self, prompts, completions, completion_ids=None, **kw) -> list[float]:
+        if completion_ids is not None:
+            self.lengths += [len(ids) for ids in completion_ids]
+        return [float(c.split().count(f"t{RL_TARGET}")) for c in completions]
+
+    def mean_length(self) -> float:
+        return sum(self.lengths) / max(len(self.lengths), 1)
+
+
+def trl_rl_args(cfg, tmp: str, batch_size: int, steps: int, device, group: int) -> dict:
+    """The keyword arguments TRL's RLOO and GRPO configs share here: sampling, lengths, KL and one step per batch."""
+    new_tokens = int(cfg.bench.gen_tokens)
+    return dict(
+        **hf_training_args(cfg, tmp, batch_size, steps, device),
+        num_generations=group, generation_batch_size=batch_size, max_completion_length=new_tokens, temperature=1.0, beta=0.05, num_iterations=1,
+        generation_kwargs={"min_new_tokens": new_tokens},  # no EOS stop: every completion as long as ours
+    )
+
+
+def text_prompts(prompts: list[list[int]]) -> list[dict]:
+    return [{"prompt": words(p)} for p in prompts]
+
+
+def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float, float, float]:
+    """Episodes/s of online RL and tokens per episode: (our PPO stage's LightningModule, TRL RLOOTrainer, their mean lengths).
+
+    One optimisation step each per batch of `batch_size` sampled completions of exactly
+    `bench.gen_tokens` tokens to `bench.rl_prompt`-token prompts, temperature 1, KL to a frozen
     reference; the reward is the count of one token. PPO also runs its critic (forward and backward);
     RLOO has none but samples `num_generations=2` completions per prompt for its baseline.
     """
@@ -394,51 +450,150 @@ def rl_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tup
     from pipeline.stages.ppo import Iterations, PPOModule
 
     device = device_of(cfg)
-    vocab, prompt_len, new_tokens = model_config.vocab_size, int(cfg.bench.gen_prompt), int(cfg.bench.gen_tokens)
-    g = torch.Generator().manual_seed(4)
-    prompts = torch.randint(2, vocab, (batch_size * (warmup + steps + 1), prompt_len), generator=g).tolist()  # no pad (0), no EOS (1)
+    vocab, new_tokens = model_config.vocab_size, int(cfg.bench.gen_tokens)
+    prompts = rl_prompts(cfg, model_config, batch_size * (warmup + steps + 1))
 
     ppo = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "stage" / "ppo.yaml")["ppo"])
     ppo.update(iterations=warmup + steps, rollout_batch_size=batch_size, minibatch_size=batch_size, ppo_epochs=1, max_new_tokens=new_tokens, save_every=10**9, eval_every=10**9, missing_eos_penalty=0.0, kl_coef=0.05, adaptive_kl=False)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     pl.seed_everything(0, verbose=False)
-    module = PPOModule(model_config.to_dict(), model_config.to_dict(), ppo, optim, reward_norm={}, eos_id=1, pad_id=0, seed=0)
+    # eos_id past the vocabulary: never sampled, so every response runs to max_new_tokens (as TRL's min_new_tokens does there)
+    module = PPOModule(model_config.to_dict(), model_config.to_dict(), ppo, optim, reward_norm={}, eos_id=vocab, pad_id=0, seed=0)
     module.reference.load_state_dict(module.actor.state_dict())
-    module.reward_fn = lambda seqs, att, response, mask: ((response == RL_TARGET) & mask.bool()).float().sum(1)
+    ours_lengths: list[int] = []
+
+    def count_tokens(seqs, att, response, mask):
+        ours_lengths.extend(mask.sum(1).long().tolist())
+        return ((response == RL_TARGET) & mask.bool()).float().sum(1)
+
+    module.reward_fn = count_tokens
     module.prompts = prompts
     ours_timer = StepTimes(warmup, device)
     trainer = bench_trainer(cfg, warmup + steps, ours_timer, clip=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Iterations(warmup + steps), batch_size=1, collate_fn=lambda items: items[0]))
 
     trl_timer = StepTimes(warmup, device)
-
-    def count_target(prompts, completions, **kw):
-        return [float(c.split().count(f"t{RL_TARGET}")) for c in completions]
-
+    reward = CountTarget()
     _, hf_model = fresh_models(model_config)
     hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = 1, 0
     with tempfile.TemporaryDirectory() as tmp:
-        args = RLOOConfig(
-            **hf_training_args(cfg, tmp, batch_size, warmup + steps, device),
-            num_generations=2, generation_batch_size=batch_size, max_completion_length=new_tokens, temperature=1.0, beta=0.05, num_iterations=1,
-        )
-        data = Dataset.from_list([{"prompt": " ".join(f"t{i}" for i in p)} for p in prompts])
+        args = RLOOConfig(**trl_rl_args(cfg, tmp, batch_size, warmup + steps, device, group=2))
         hf_model.save_pretrained(f"{tmp}/model")  # RLOO loads its reference model by name: the same weights from disk
-        rloo = RLOOTrainer(model=f"{tmp}/model", reward_funcs=count_target, args=args, train_dataset=data, processing_class=word_tokenizer(vocab), callbacks=[trl_timer.hf_callback()])
+        rloo = RLOOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=Dataset.from_list(text_prompts(prompts)), processing_class=word_tokenizer(vocab), callbacks=[trl_timer.hf_callback()])
         rloo.train()
+    return ours_timer.rate(batch_size), trl_timer.rate(batch_size), sum(ours_lengths) / len(ours_lengths), reward.mean_length()
+
+
+def grpo_speed(cfg, model_config, batch_size: int, steps: int, warmup: int) -> tuple[float, float, float, float]:
+    """Episodes/s of GRPO and tokens per episode: (our GRPO stage's LightningModule, TRL GRPOTrainer, their mean lengths).
+
+    Each step samples `bench.grpo_group` completions to each of batch_size / group prompts
+    (`bench.rl_prompt` tokens), exactly `bench.gen_tokens` long, scores them with the same reward
+    function (CountTarget, TRL's reward_funcs convention on both sides), takes group-normalised
+    advantages and one clipped-ratio step with the k3 KL to a frozen reference (beta 0.05) in the loss.
+    Ours prefills each prompt once for its group and reads it once in every log-prob forward.
+    """
+    import tempfile
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipeline.rewards import RewardSource
+    from pipeline.rl import Iterations
+    from pipeline.stages.grpo import GRPOModule
+
+    device = device_of(cfg)
+    vocab, new_tokens, group = model_config.vocab_size, int(cfg.bench.gen_tokens), int(cfg.bench.grpo_group)
+    if batch_size % group:
+        raise UserError(f"bench.batch_size={batch_size} completions must be a multiple of bench.grpo_group={group}")
+    per_step = batch_size // group
+    prompts = rl_prompts(cfg, model_config, per_step * (warmup + steps + 1))
+    grpo = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "stage" / "grpo.yaml")["grpo"])
+    # iterations one past the timed steps: the stage's closing evaluation never falls inside a timed step
+    grpo.update(iterations=warmup + steps + 1, prompts_per_rollout=per_step, group_size=group, minibatch_size=per_step, updates_per_rollout=1, max_new_tokens=new_tokens, save_every=10**9, eval_every=10**9, missing_eos_penalty=0.0, kl_coef=0.05, kl_in="loss", baseline="group_norm", anneal_lr=False)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    pl.seed_everything(0, verbose=False)
+    module = GRPOModule(model_config.to_dict(), None, grpo, optim, reward_norm={}, eos_id=vocab, pad_id=0, seed=0)  # eos_id never sampled (see rl_speed)
+    module.reference.load_state_dict(module.actor.state_dict())
+    ours_reward = CountTarget()
+    module.sources = [RewardSource("count_target", "function", ours_reward)]
+    module.prompts, module.prompt_rows = prompts, [r["prompt"] for r in text_prompts(prompts)]
+    module.tokenizer = word_tokenizer(vocab)
+    ours_timer = StepTimes(warmup, device)
+    trainer = bench_trainer(cfg, warmup + steps, ours_timer, clip=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Iterations(warmup + steps), batch_size=1, collate_fn=lambda items: items[0]))
+    ours_length = module.totals["gen_tokens"] / module.totals["episodes"]
+
+    trl_timer = StepTimes(warmup, device)
+    trl_reward = CountTarget()
+    _, hf_model = fresh_models(model_config)
+    hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = 1, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        # loss_type "dapo" normalises over every token of the batch, as grpo.loss_norm=token does
+        args = GRPOConfig(**trl_rl_args(cfg, tmp, batch_size, warmup + steps, device, group=group), loss_type="dapo", scale_rewards="group")
+        hf_model.save_pretrained(f"{tmp}/model")
+        grpo_trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=trl_reward, args=args, train_dataset=Dataset.from_list(text_prompts(prompts)), processing_class=word_tokenizer(vocab), callbacks=[trl_timer.hf_callback()])
+        grpo_trainer.train()
+    return ours_timer.rate(batch_size), trl_timer.rate(batch_size), ours_length, trl_reward.mean_length()
+
+
+def dpo_speed(cfg, model_config, batch_size: int, steps: int, warmup: int, answers: int) -> tuple[float, float]:
+    """Pairs/s of DPO training: (our DPOModule under Lightning, TRL DPOTrainer), same pairs, batch, optimiser and loss.
+
+    Pairs as reward_pairs makes them with `answers` per prompt (2: one pair per prompt; 4: K-wise), each
+    sequence seq_len tokens ending in EOS, the prompt the first three quarters. Both sides score the
+    reference in every step (our dpo.reference=online, TRL's default), sigmoid loss, beta 0.1. Ours
+    runs as the stage does: a prompt's pairs in one batch, each answer read once after one copy of the
+    prompt; TRL reads prompt + chosen and prompt + rejected for every pair.
+    """
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.stages.dpo import DPOCollator, DPOModule
+
+    seq_len = cfg.data.seq_len
+    prompt_len = max(1, seq_len * 3 // 4)
+    pairs = reward_pairs(batch_size * 8, seq_len, model_config.vocab_size, answers)
+    for p in pairs:  # every answer ends in EOS (1), as TRL's DPOTrainer makes it (it appends one to an answer without)
+        p["chosen_ids"][-1] = p["rejected_ids"][-1] = 1
+    device = device_of(cfg)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    dpo = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "stage" / "dpo.yaml")["dpo"])
+    dpo.update(reference="online", beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0)
+
+    pl.seed_everything(0, verbose=False)
+    module = DPOModule(model_config.to_dict(), optim, cfg.trainer.max_steps, dpo)
+    module.reference.load_state_dict(module.model.state_dict())
+    ours_timer = StepTimes(warmup, device)
+    ours_rows = [{**p, "prompt_len": prompt_len, "margin": 0.0, "gold_sign": 0.0} for p in pairs]
+    collate = DPOCollator(0, share_prompts=True, max_row=model_config.block_size)
+    batches = Batches(ours_rows, ours_rows[:batch_size], batch_size, collate=collate, groups=[p["prompt_key"] for p in pairs])
+    bench_trainer(cfg, warmup + steps, ours_timer).fit(module, datamodule=batches)
+
+    trl_timer = StepTimes(warmup, device)
+    _, hf_model = fresh_models(model_config)
+    rows = [{"prompt": words(p["chosen_ids"][:prompt_len]), "chosen": " " + words(p["chosen_ids"][prompt_len:]), "rejected": " " + words(p["rejected_ids"][prompt_len:])} for p in pairs]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(**hf_training_args(cfg, tmp, batch_size, warmup + steps, device), max_length=seq_len, beta=0.1, loss_type=["sigmoid"], dataloader_drop_last=True)
+        hf_model.save_pretrained(f"{tmp}/model")  # DPOTrainer loads its reference model by name: the same weights from disk
+        trainer = DPOTrainer(model=f"{tmp}/model", args=args, train_dataset=Dataset.from_list(rows), processing_class=word_tokenizer(model_config.vocab_size), callbacks=[trl_timer.hf_callback()])
+        trainer.train()
     return ours_timer.rate(batch_size), trl_timer.rate(batch_size)
 
 
-def row(name: str, ours: float, peer_name: str, peer: float) -> dict:
-    return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer}
+def row(name: str, ours: float, peer_name: str, peer: float, **extra) -> dict:
+    """One row of the table; `extra` adds figures of both sides (the RL rows' tokens per episode)."""
+    return {"row": name, "ours_tokens_per_s": ours, "peer": peer_name, "peer_tokens_per_s": peer, "ratio_ours_over_peer": ours / peer, **extra}
 
 
 def require_trl(cfg) -> None:
-    """The SFT, reward and RL rows run TRL's trainers: TRL is the `bench` extra, not a dependency of the stages."""
+    """The SFT, reward, DPO and RL rows run TRL's trainers: TRL is the `bench` extra, not a dependency of the stages."""
     import importlib.util
 
-    if (cfg.bench.sft or cfg.bench.reward or cfg.bench.rl) and importlib.util.find_spec("trl") is None:
-        raise UserError("the SFT, reward and RL rows compare with TRL, which is not installed: pip install 'instructgpt-pipeline[bench]', or pass bench.sft=0 bench.reward=0 bench.rl=0")
+    if (cfg.bench.sft or cfg.bench.reward or cfg.bench.dpo or cfg.bench.rl) and importlib.util.find_spec("trl") is None:
+        raise UserError("the SFT, reward, DPO and RL rows compare with TRL, which is not installed: pip install 'instructgpt-pipeline[bench]', or pass bench.sft=0 bench.reward=0 bench.dpo=0 bench.rl=0")
 
 
 def main(argv: list[str]) -> dict:
@@ -469,9 +624,17 @@ def main(argv: list[str]) -> dict:
         rows.append(row("reward: Lightning stage vs TRL RewardTrainer (pairwise loss)", r_ours, classifier, r_trl))
         k_ours, k_trl = reward_speed(cfg, model_config, batch_size, steps, warmup, answers=4)
         rows.append(row("reward, K-wise pairs (4 answers a prompt, prompt 3/4 of each row): shared prompts vs TRL RewardTrainer", k_ours, classifier, k_trl))
+    if cfg.bench.dpo:
+        for answers, shape in ((4, "K-wise pairs (4 answers a prompt)"), (2, "one pair per prompt")):
+            d_ours, d_trl = dpo_speed(cfg, model_config, batch_size, steps, warmup, answers)
+            rows.append(row(f"dpo, {shape}, pairs/s: DPO stage (shared prompts) vs TRL DPOTrainer", d_ours, f"TRL DPOTrainer, transformers {arch}", d_trl))
     if cfg.bench.rl:
-        e_ours, e_trl = rl_speed(cfg, model_config, batch_size, steps, warmup)
-        rows.append(row(f"rl: PPO stage vs TRL RLOOTrainer, episodes/s ({cfg.bench.gen_tokens} new tokens at most)", e_ours, f"TRL RLOOTrainer, transformers {arch}", e_trl))
+        shape = f"{cfg.bench.rl_prompt}-token prompts, {cfg.bench.gen_tokens} new tokens"
+        e_ours, e_trl, len_ours, len_trl = rl_speed(cfg, model_config, batch_size, steps, warmup)
+        lengths = lambda ours, peer: {"ours_tokens_per_episode": ours, "peer_tokens_per_episode": peer}  # noqa: E731
+        rows.append(row(f"rl: PPO stage vs TRL RLOOTrainer, episodes/s ({shape})", e_ours, f"TRL RLOOTrainer, transformers {arch}", e_trl, **lengths(len_ours, len_trl)))
+        e_ours, e_trl, len_ours, len_trl = grpo_speed(cfg, model_config, batch_size, steps, warmup)
+        rows.append(row(f"rl: GRPO stage vs TRL GRPOTrainer, episodes/s (groups of {cfg.bench.grpo_group}, {shape})", e_ours, f"TRL GRPOTrainer, transformers {arch}", e_trl, **lengths(len_ours, len_trl)))
     for gen_batch in sorted({1, cfg.bench.gen_batch}):
         g_ours, g_hf = generation_speed(cfg, model_config, gen_batch)
         rows.append(row(f"generate: batch {gen_batch}, {cfg.bench.gen_tokens} new tokens, greedy", g_ours, f"transformers {arch}.generate", g_hf))
@@ -504,7 +667,8 @@ def main(argv: list[str]) -> dict:
     width = max(len(r["row"]) for r in rows)
     print(f"{'row':{width}}  {'ours tok/s':>12}  {'peer tok/s':>12}  {'ours/peer':>9}  peer")
     for r in rows:
-        print(f"{r['row']:{width}}  {r['ours_tokens_per_s']:>12,.0f}  {r['peer_tokens_per_s']:>12,.0f}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}")
+        lengths = f" (tokens per episode: ours {r['ours_tokens_per_episode']:.1f}, peer {r['peer_tokens_per_episode']:.1f})" if "ours_tokens_per_episode" in r else ""
+        print(f"{r['row']:{width}}  {r['ours_tokens_per_s']:>12,.0f}  {r['peer_tokens_per_s']:>12,.0f}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}{lengths}")
     out = Path(cfg.paths.root) / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -60,3 +60,17 @@ def test_each_recipe_lists_registered_training_stages_and_composes_their_keys(re
                     assert key in cfg, (stage, key)
         # A stage run alone composes no recipe.
         assert "recipe" not in compose("config", overrides=[f"stage={cfg.recipe.stages[0]}"])
+
+
+def test_a_recipe_stage_takes_its_parents_from_the_recipe_else_from_the_command():
+    from pipeline.__main__ import parent_overrides
+
+    done = {"pretrain": Path("/r/pretrain/x"), "sft": Path("/r/sft/x"), "reward": Path("/r/reward/x")}
+    user = {"init_from": "/mine/sft", "reward_from": "/mine/rm"}
+    assert parent_overrides("ppo", done, user) == ["init_from=/r/sft/x", "reward_from=/r/reward/x"]
+    assert parent_overrides("dpo", done, user) == ["init_from=/r/sft/x"]  # DPO takes no reward model
+    # Nothing trained in the recipe (a comparison of the user's own models): the command's paths.
+    assert parent_overrides("grpo", {}, user) == ["init_from=/mine/sft", "reward_from=/mine/rm"]
+    assert parent_overrides("ppo", {"sft": Path("/r/sft/x")}, user) == ["init_from=/r/sft/x", "reward_from=/mine/rm"]
+    assert parent_overrides("pretrain", {}, user) == []  # starts from nothing
+    assert parent_overrides("sft", {}, {"init_from": None, "reward_from": None}) == []  # the stage then finds the newest run itself
