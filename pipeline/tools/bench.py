@@ -665,10 +665,11 @@ def main(argv: list[str]) -> dict:
     if peak:
         print("MFU: " + ", ".join(f"{k[:-4]} {result[k]:.1%}" for k in ("ours_mfu", "plain_loop_mfu", "transformers_loop_mfu")))
     width = max(len(r["row"]) for r in rows)
-    print(f"{'row':{width}}  {'ours tok/s':>12}  {'peer tok/s':>12}  {'ours/peer':>9}  peer")
+    print(f"{'row (rates in tokens/s unless the row says)':{width}}  {'ours':>12}  {'peer':>12}  {'ours/peer':>9}  peer")
     for r in rows:
         lengths = f" (tokens per episode: ours {r['ours_tokens_per_episode']:.1f}, peer {r['peer_tokens_per_episode']:.1f})" if "ours_tokens_per_episode" in r else ""
-        print(f"{r['row']:{width}}  {r['ours_tokens_per_s']:>12,.0f}  {r['peer_tokens_per_s']:>12,.0f}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}{lengths}")
+        rate = lambda x: f"{x:>12,.0f}" if x >= 100 else f"{x:>12.2f}"  # noqa: E731  (pairs/s and episodes/s are small numbers)
+        print(f"{r['row']:{width}}  {rate(r['ours_tokens_per_s'])}  {rate(r['peer_tokens_per_s'])}  {r['ratio_ours_over_peer']:>9.3f}  {r['peer']}{lengths}")
     out = Path(cfg.paths.root) / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
