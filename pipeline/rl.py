@@ -115,7 +115,7 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int, stage: str) -> tup
     Preference and prompt-completion data give their prompts. `stage` names the config section
     (`<stage>.max_new_tokens`, `<stage>.eval_prompts`) and the stage in messages.
     """
-    ds, fmt, source = load_stage_data(cfg, stage, {"prompt_only", "prompt_completion", "preference"}, embedded_task(Path(cfg.paths.cache_dir), "prompts"))
+    ds, fmt, source = load_stage_data(cfg, stage, {"prompt_only", "prompt_completion", "preference"}, lambda: embedded_task(Path(cfg.paths.cache_dir), "prompts"))
     if fmt.implicit_prompt:
         raise UserError(f"stage '{stage}' needs explicit prompts; {source} has implicit-prompt preference data")
     for split in ds:

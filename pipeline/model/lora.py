@@ -138,7 +138,22 @@ def apply_lora(model: GPT, settings: LoraSettings) -> GPT:
             del model.is_loaded_in_4bit
     if hasattr(model, "score_head"):
         model.score_head.requires_grad_(True)
+    model.lora_settings = settings  # what runs.save_model writes beside the adapter
     return model
+
+
+PEFT_METHODS = ("none", "lora", "qlora")
+
+
+def settings_from_config(peft: dict) -> LoraSettings | None:
+    """LoraSettings from the `peft` config section (conf/peft/): None for full finetuning (method none)."""
+    values = dict(peft)
+    method = values.pop("method", "none")
+    if method not in PEFT_METHODS:
+        raise ValueError(f"peft.method={method!r} must be one of {list(PEFT_METHODS)}")
+    if method == "none":
+        return None
+    return LoraSettings.from_dict({**values, "quantize": "nf4" if method == "qlora" else None})
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
