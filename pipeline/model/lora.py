@@ -184,6 +184,26 @@ def adapters_disabled(model: nn.Module):
             p.requires_grad_(flag)
 
 
+class AdaptersOff(nn.Module):
+    """A LoRA model's frozen base as a model of its own: every call runs with the adapters off.
+
+    A view, not a copy (the online RL stages' reference): it holds no parameters and no state, and
+    the LoRA model is kept outside the module tree, so neither state_dict nor .to() sees it twice.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        object.__setattr__(self, "lora_model", model)  # not a submodule
+
+    @property
+    def config(self):
+        return self.lora_model.config
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self.lora_model):
+            return self.lora_model(*args, **kwargs)
+
+
 def _base_weight(base: nn.Linear) -> torch.Tensor:
     """The weight a base layer computes with: a 4-bit one dequantised to its compute dtype."""
     w = base.weight

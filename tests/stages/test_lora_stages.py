@@ -57,7 +57,9 @@ def chain(tmp_path_factory, tokenizer):
     prefs = write_jsonl(d / "prefs.jsonl", [{"prompt": f"Count to {n} ({i}):", "chosen": count_to(n), "rejected": count_to(n + 1)} for i in range(8) for n in range(1, 9)])
     base = finished_run(d / "base", "pretrain", "tiny", tiny_model(), tokenizer)
     cache = d / "cache"
-    roots = {name: d / name for name in ("sft_lora", "sft_qlora", "reward_lora", "dpo_lora")}
+    roots = {name: d / name for name in ("sft_lora", "sft_qlora", "reward_lora", "dpo_lora", "grpo_lora")}
+    (d / "short.py").write_text("def short(prompts, completions, **kwargs):\n    return [-len(c) / 10 for c in completions]\n")
+    grpo = ["grpo.iterations=4", "grpo.prompts_per_rollout=4", "grpo.group_size=4", "grpo.minibatch_size=2", "grpo.max_new_tokens=6", "grpo.eval_every=2", "grpo.eval_prompts=4", "grpo.save_every=2"]
     common = [f"paths.cache_dir={cache}", *SMALL]
     wait_all(
         start(roots["sft_lora"], "stage=sft", "peft=lora", f"data.path={sft}", f"init_from={base}", *common),
@@ -67,6 +69,7 @@ def chain(tmp_path_factory, tokenizer):
     wait_all(
         start(roots["reward_lora"], "stage=reward", "peft=lora", f"data.path={prefs}", f"init_from={sft_lora}", *common),
         start(roots["dpo_lora"], "stage=dpo", "peft=lora", "dpo.reference=online", f"data.path={prefs}", f"init_from={sft_lora}", "eval.num_prompts=4", "eval.max_new_tokens=4", *common),
+        start(roots["grpo_lora"], "stage=grpo", "peft=lora", f"grpo.reward={d / 'short.py'}:short", f"data.path={prefs}", f"init_from={sft_lora}", *grpo, *common),
     )
     return {
         "base": base,
@@ -74,6 +77,7 @@ def chain(tmp_path_factory, tokenizer):
         "sft_qlora": only_run(roots["sft_qlora"], "sft"),
         "reward_lora": only_run(roots["reward_lora"], "reward"),
         "dpo_lora": only_run(roots["dpo_lora"], "dpo"),
+        "grpo_lora": only_run(roots["grpo_lora"], "grpo"),
     }
 
 
@@ -136,6 +140,16 @@ def test_lora_dpo_runs_against_the_policy_with_its_adapters_off(chain):
     metrics = json.loads((chain["dpo_lora"] / "metrics.json").read_text())
     assert metrics["peft"] == "lora" and metrics["reference"] == "online"
     assert metrics["final/kl"] >= 0 and 0 <= metrics["val/rewards/accuracies"] <= 1
+
+
+def test_lora_grpo_holds_no_reference_copy_and_checkpoints_its_adapters(chain):
+    run = chain["grpo_lora"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train/iterations"] == 4 and metrics["final/kl"] >= 0
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all(k.startswith("actor.") and ".lora_" in k for k in checkpoint["state_dict"])  # no reference weights
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved["lora"]["base"] == str((chain["sft_lora"] / "model.pt").resolve())
 
 
 def test_the_shared_reference_is_exactly_a_separate_copy_of_the_base():
