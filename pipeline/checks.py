@@ -320,6 +320,15 @@ RULES: dict[str, tuple[Any, str]] = {
     "grpo.eval_prompts": (COUNT, ""),
     "grpo.save_every": (COUNT, "iterations between checkpoints"),
     # (end of grpo)
+    # peft (conf/peft/)
+    "peft.method": (OneOf(("none", "lora", "qlora")), "none: full finetuning; lora: adapters; qlora: adapters on a 4-bit base"),
+    "peft.r": (COUNT, "the rank of each adapter"),
+    "peft.alpha": (POSITIVE, "the adapter's update is scaled by alpha / r"),
+    "peft.dropout": (Number(low=0, high=1, high_open=True), "dropout on the adapters' input"),
+    "peft.target_modules": (
+        Satisfies(lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(t in ("q_proj", "kv_proj", "out_proj", "up_proj", "down_proj") for t in v), "a non-empty list of q_proj, kv_proj, out_proj, up_proj, down_proj"),
+        "the projections of every block that get adapters",
+    ),
     # generate
     "prompt": (Satisfies(lambda v: v is None or isinstance(v, (str, int, float)), "text"), ""),
     "prompts_file": (Satisfies(_existing_path, "an existing .txt or .jsonl file"), "no such file"),

@@ -115,7 +115,7 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int, stage: str) -> tup
     Preference and prompt-completion data give their prompts. `stage` names the config section
     (`<stage>.max_new_tokens`, `<stage>.eval_prompts`) and the stage in messages.
     """
-    ds, fmt, source = load_stage_data(cfg, stage, {"prompt_only", "prompt_completion", "preference"}, embedded_task(Path(cfg.paths.cache_dir), "prompts"))
+    ds, fmt, source = load_stage_data(cfg, stage, {"prompt_only", "prompt_completion", "preference"}, lambda: embedded_task(Path(cfg.paths.cache_dir), "prompts"))
     if fmt.implicit_prompt:
         raise UserError(f"stage '{stage}' needs explicit prompts; {source} has implicit-prompt preference data")
     for split in ds:
@@ -340,7 +340,7 @@ class OnlineRLModule(pl.LightningModule, ABC):
 # The fit
 
 
-def fit_online(cfg: DictConfig, run_dir: Path, module: OnlineRLModule, iterations: int, parents: list[Path], prompt_count: int, source: str) -> tuple[pl.Trainer, dict | None, dict | None]:
+def fit_online(cfg: DictConfig, run_dir: Path, module: OnlineRLModule, iterations: int, parents: list[Path], prompt_count: int, source: str, callbacks: list = ()) -> tuple[pl.Trainer, dict | None, dict | None]:
     """Train `module` for `iterations` rollout rounds, resuming this run's last checkpoint: (trainer, start point, final point).
 
     The start evaluation runs once (rank zero, before the first iteration) and is kept in
@@ -363,6 +363,7 @@ def fit_online(cfg: DictConfig, run_dir: Path, module: OnlineRLModule, iteration
         use_distributed_sampler=False,
         log_every_n_steps=1,
         parents=parents,
+        callbacks=list(callbacks),  # peft: TrainedOnly
     )
     check_prompt_count(prompt_count, int(cfg[stage][module.batch_key]), trainer.world_size, source, f"{stage}.{module.batch_key}")  # the world as Lightning counts it
     ckpt = resume_checkpoint(cfg, run_dir)

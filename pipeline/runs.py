@@ -28,7 +28,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import UnsafeFileError, atomic_write_bytes, load_tensors
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import GPT, GPTConfig, ScalarGPT
 from pipeline.model.hf import grow_vocab, is_transformers_dir, load_transformers
 from pipeline.tokenizer import load_tokenizer
 
@@ -194,13 +194,54 @@ def model_file(path: Path) -> Path:
     return path
 
 
-def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None) -> None:
-    """Write a finished model (config + weights, float32 for portability) atomically."""
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> None:
+    """Write a finished model (config + weights, float32 for portability) atomically.
+
+    A LoRA model (peft=lora / qlora) is written as its adapter: the adapter tensors (and a reward
+    model's score head), its settings, `base` (the model file it was trained on) and the digest of
+    that base, which load_model_payload checks before it merges the two.
+    """
+    lora = None
+    if getattr(model, "lora_settings", None) is not None:
+        from pipeline.model.lora import adapter_state_dict, base_digest  # peft: imported only for LoRA runs
+
+        if base is None:
+            raise ValueError("save_model: a LoRA model needs the path of its base model")
+        lora = {"settings": model.lora_settings.to_dict(), "base": str(Path(base).resolve()), "base_sha256": base_digest(model)}
+        state = adapter_state_dict(model)
+    else:
+        state = model.state_dict()
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
     payload = {"format": FORMAT_VERSION, "config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
+    if lora is not None:
+        payload["lora"] = lora
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def merged_lora_payload(payload: dict, path: Path) -> dict:
+    """A LoRA model file read as a plain one: its base loaded (itself merged if it is LoRA), checked by digest, the adapter merged in."""
+    from pipeline.model.lora import LoraSettings, apply_lora, base_digest, load_adapter_state_dict, merge_lora
+
+    info = payload["lora"]
+    base_path = Path(info["base"])
+    if not base_path.exists():
+        raise UserError(f"{path} is a LoRA adapter trained on {base_path}, which is not there any more: restore that run, or start from a merged export")
+    base = load_model_payload(model_file(base_path))
+    cls = ScalarGPT if payload.get("kind") == "scalar" else GPT
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's random stream
+        model = cls(GPTConfig.from_dict(payload["config"]))
+    load_weights(model, base["state_dict"], base_path, allow_missing=("score_head.",))
+    apply_lora(model, LoraSettings.from_dict(info["settings"]))
+    if base_digest(model) != info["base_sha256"]:
+        raise UserError(f"{path} is a LoRA adapter for another base: {base_path} has changed since the adapter was trained on it (digest mismatch)")
+    try:
+        load_adapter_state_dict(model, payload["state_dict"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    merged = merge_lora(model)
+    return {**payload, "state_dict": merged.state_dict(), "lora": info}
 
 
 def load_model_payload(path: Path) -> dict:
@@ -212,6 +253,8 @@ def load_model_payload(path: Path) -> dict:
     if isinstance(payload, dict) and "config" in payload and "state_dict" in payload:
         if int(payload.get("format", 1)) > FORMAT_VERSION:
             raise UserError(f"{path} was written by a newer version of the pipeline (model file format {payload['format']}; this one reads up to {FORMAT_VERSION}): upgrade it")
+        if "lora" in payload:
+            return merged_lora_payload(payload, path)
         return payload
     if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
         hp = payload["hyper_parameters"]
@@ -222,6 +265,8 @@ def load_model_payload(path: Path) -> dict:
         else:
             raise UserError(f"{path} is a Lightning checkpoint without a model_config (or PPO actor_config) hyper-parameter")
         state = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+        if any(".lora_" in k for k in state):
+            raise UserError(f"{path} is a checkpoint of a LoRA run (adapters only): start from that run's directory or model.pt, which knows its base")
         return {"config": config, "state_dict": state, "kind": kind, "extra": {}}
     raise UserError(f"{path} is neither a model.pt of this pipeline nor a Lightning checkpoint of one of its stages")
 

@@ -501,13 +501,13 @@ def log_model_artifact(logger: Logger | None, path: Path, name: str, kind: str, 
     logger.experiment.log_artifact(artifact)
 
 
-def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trainer, kind: str, stage: str, extra: dict | None = None) -> None:
+def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trainer, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> None:
     """The end of every stage: tokenizer and model.pt into the run directory, the artifact to W&B, then metrics.json last.
 
     metrics.json marks the run as finished, so it is written after everything it vouches for.
     """
     save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
-    runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra)
+    runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra, base=base)  # base: a LoRA model's
     logger = trainer.logger
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
@@ -524,7 +524,58 @@ def load_best(module: pl.LightningModule, checkpoint: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights (by the monitored figure) into module: the final figures and model.pt are of those."""
     best = checkpoint.best_model_path
     if best and Path(best).is_file():
-        module.load_state_dict(runs.load_file(Path(best), "checkpoint")["state_dict"])
+        module.load_state_dict(runs.load_file(Path(best), "checkpoint")["state_dict"], strict=module.strict_loading)  # LoRA: adapters only
+
+
+class TrainedOnly(Callback):
+    """A LoRA run's checkpoints hold what trains (adapters, heads), not the frozen base.
+
+    The base is the start model, which the resumed process loads again (parents.json vouches that it
+    is the same file) and, for QLoRA, quantises again the same way; the checkpoint is a few per cent
+    of a full one. Loading checks that every trained tensor is there.
+    """
+
+    def __init__(self, module: pl.LightningModule, prefix: str):
+        self.prefix = prefix  # the LoRA model's attribute path in the module: "model."
+        self.trained = sorted(n for n, p in module.named_parameters() if p.requires_grad and n.startswith(prefix))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        keep = set(self.trained)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.prefix) or k in keep}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        missing = [k for k in self.trained if k not in checkpoint["state_dict"]]
+        if missing:
+            raise UserError(f"the checkpoint lacks {len(missing)} trained LoRA tensors ({missing[:3]}): it was not written by this LoRA run; pass rerun=true")
+
+
+def apply_peft(cfg: DictConfig, module: pl.LightningModule, attr: str = "model") -> list[Callback]:
+    """peft=lora / qlora: adapters on module.<attr>, whose base weights are loaded already; the callbacks its checkpoints need.
+
+    Full finetuning (peft=none): nothing changes and no callback is needed.
+    """
+    settings = lora_settings(cfg)
+    if settings is None:
+        return []
+    from pipeline.model.lora import apply_lora  # peft: imported only for LoRA runs
+
+    model = apply_lora(getattr(module, attr), settings)
+    module.strict_loading = False  # the checkpoints hold the adapters only (TrainedOnly)
+    log.info("%s: %s (rank %d), %d parameters train", cfg.stage, cfg.peft.method, settings.r, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return [TrainedOnly(module, f"{attr}.")]
+
+
+def lora_settings(cfg: DictConfig):
+    """The LoraSettings of cfg.peft, None for full finetuning."""
+    peft = OmegaConf.to_container(cfg.get("peft") or {"method": "none"}, resolve=True)
+    if peft.get("method", "none") == "none":
+        return None
+    from pipeline.model.lora import settings_from_config
+
+    try:
+        return settings_from_config(peft)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 class LanguageModelModule(pl.LightningModule):

@@ -300,6 +300,11 @@ CONFIG = [
 
 # (stage, override, words): one bad value for each rule of pipeline/checks.py, checked on the stage's composed config.
 VALUES = [
+    (("stage=sft", "peft=lora"), "peft.r=0", "peft.r=0: must be >= 1"),
+    (("stage=sft", "peft=lora"), "peft.alpha=0", "peft.alpha=0: must be > 0"),
+    (("stage=dpo", "peft=qlora"), "peft.dropout=1", "peft.dropout=1: must be in [0, 1)"),
+    (("stage=reward", "peft=lora"), "peft.target_modules=[lm_head]", "peft.target_modules=['lm_head']: must be a non-empty list of q_proj"),
+    ("sft", "peft.method=prefix", "peft.method=prefix: must be one of"),
     ("pretrain", "trainer.val_check_interval=0", "trainer.val_check_interval=0: must be an integer >= 1 (batches) or a number in (0, 1]"),
     ("pretrain", "trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be >= 1"),
     ("pretrain", "data.batch_size=0", "data.batch_size=0: must be >= 1"),
@@ -777,10 +782,12 @@ def test_every_default_config_passes_the_checks():
 def composed():
     """Each stage's composed config, composed once: a VALUES case changes a copy."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return {stage: compose("config", overrides=[stage if "=" in stage else f"stage={stage}"]) for stage in {case[0] for case in VALUES}}
+        # a case's stage: a stage name, one override, or a tuple of overrides (a stage with a config group: peft=lora)
+        overrides = lambda stage: list(stage) if isinstance(stage, tuple) else [stage if "=" in stage else f"stage={stage}"]  # noqa: E731
+        return {stage: compose("config", overrides=overrides(stage)) for stage in {case[0] for case in VALUES}}
 
 
-@pytest.mark.parametrize("stage, override, words", VALUES, ids=[case[1] for case in VALUES])
+@pytest.mark.parametrize("stage, override, words", VALUES, ids=[f"{case[1]}" for case in VALUES])
 def test_each_rule_refuses_a_bad_value(stage, override, words, composed):
     cfg = copy.deepcopy(composed[stage])
     (parsed,) = OverridesParser.create().parse_overrides([override])  # the command line's grammar and types

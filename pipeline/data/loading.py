@@ -547,14 +547,17 @@ def datasets_cache(cfg) -> str:
     return str(Path(cfg.paths.cache_dir) / "datasets")
 
 
-def load_stage_data(cfg, stage: str, kinds: Iterable[str], default: str | os.PathLike):
+def load_stage_data(cfg, stage: str, kinds: Iterable[str], default):
     """A stage's data: `data.path` (else `default`), its columns renamed by `data.columns`, split, in one of `kinds`.
+
+    `default` is a path, or a function that makes one (the embedded task's files, built on first use):
+    called only when data.path is unset, so a user's data never waits for the embedded task.
 
     Returns (DatasetDict with train / validation (/ test), its DataFormat, the source's name for messages).
     """
     from omegaconf import OmegaConf
 
-    source = str(cfg.data.path) if cfg.data.path else str(default)
+    source = str(cfg.data.path) if cfg.data.path else str(default() if callable(default) else default)
     columns = OmegaConf.to_container(cfg.data.columns) if cfg.data.columns else None
     ds = load_data(source, columns=columns, val_fraction=cfg.data.val_fraction, seed=cfg.seed, cache_dir=datasets_cache(cfg))
     return ds, require_format(ds["train"], kinds, stage, source), source

@@ -138,7 +138,22 @@ def apply_lora(model: GPT, settings: LoraSettings) -> GPT:
             del model.is_loaded_in_4bit
     if hasattr(model, "score_head"):
         model.score_head.requires_grad_(True)
+    model.lora_settings = settings  # what runs.save_model writes beside the adapter
     return model
+
+
+PEFT_METHODS = ("none", "lora", "qlora")
+
+
+def settings_from_config(peft: dict) -> LoraSettings | None:
+    """LoraSettings from the `peft` config section (conf/peft/): None for full finetuning (method none)."""
+    values = dict(peft)
+    method = values.pop("method", "none")
+    if method not in PEFT_METHODS:
+        raise ValueError(f"peft.method={method!r} must be one of {list(PEFT_METHODS)}")
+    if method == "none":
+        return None
+    return LoraSettings.from_dict({**values, "quantize": "nf4" if method == "qlora" else None})
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -167,6 +182,26 @@ def adapters_disabled(model: nn.Module):
             layer.enable_adapters(not disabled)
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+class AdaptersOff(nn.Module):
+    """A LoRA model's frozen base as a model of its own: every call runs with the adapters off.
+
+    A view, not a copy (the online RL stages' reference): it holds no parameters and no state, and
+    the LoRA model is kept outside the module tree, so neither state_dict nor .to() sees it twice.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        object.__setattr__(self, "lora_model", model)  # not a submodule
+
+    @property
+    def config(self):
+        return self.lora_model.config
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self.lora_model):
+            return self.lora_model(*args, **kwargs)
 
 
 def _base_weight(base: nn.Linear) -> torch.Tensor:

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -43,7 +43,7 @@ from pipeline.files import atomic_write_bytes, load_tensors, read_json, write_js
 from pipeline.losses.dpo import chosen_nll, dpo_loss
 from pipeline.model import GPT, GPTConfig, sequence_logprobs
 from pipeline.stages import STAGES
-from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, build_trainer, finish, is_global_zero, load_best, log_table, resume_checkpoint, schedule_steps
+from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, lora_settings, finish, is_global_zero, load_best, log_table, resume_checkpoint, schedule_steps
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,14 @@ class DPOModule(pl.LightningModule):
     noise to one side of it and make the precomputed and online references disagree.
     """
 
-    def __init__(self, model_config: dict, optim: dict, max_steps: int, dpo: dict, compile: bool = False, model_kind: str = "lm"):
+    def __init__(self, model_config: dict, optim: dict, max_steps: int, dpo: dict, compile: bool = False, model_kind: str = "lm", shared_reference: bool = False):
         super().__init__()
         self.save_hyperparameters()
         config = GPTConfig.from_dict({**model_config, "dropout": 0.0})
         self.model = GPT(config)
         self.reference = None
-        if dpo["reference"] == "online":
+        # shared_reference (LoRA): the reference is the policy with its adapters off, not a second copy
+        if dpo["reference"] == "online" and not shared_reference:
             self.reference = GPT(config).requires_grad_(False).eval()
         self.val_metrics = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in ("loss", *PAIR_FIGURES)})
 
@@ -105,6 +106,12 @@ class DPOModule(pl.LightningModule):
         elif self.reference is not None:
             with torch.no_grad():
                 ref = pair_logprobs(self.reference, batch)
+            ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
+        elif self.hparams.shared_reference:
+            from pipeline.model.lora import adapters_disabled
+
+            with torch.no_grad(), adapters_disabled(self.model):
+                ref = pair_logprobs(self.model, batch)
             ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
         else:
             raise RuntimeError("dpo.reference=precompute, but the batch carries no ref_chosen / ref_rejected columns")
@@ -154,6 +161,18 @@ class DPOModule(pl.LightningModule):
 
 # ---------------------------------------------------------------------------------------------
 # Reference log-probabilities, computed once
+
+
+@contextmanager
+def frozen_base(model: GPT, start: GPT | None):
+    """The reference model for a block: `start` (full finetuning), or with LoRA the policy itself with its adapters off."""
+    if start is not None:
+        yield start
+        return
+    from pipeline.model.lora import adapters_disabled
+
+    with adapters_disabled(model):
+        yield model
 
 
 def pairs_digest(pairs: dict, start_digest: str) -> str:
@@ -260,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start, tokenizer, payload, start_path = runs.load_start(cfg.init_from, STAGES["dpo"].starts_from, Path(cfg.paths.root), "dpo", run_name=run_dir.name, dropout=0.0)
     parents = runs.parent_record(init_from=start_path)
     runs.check_parents(run_dir, parents)
-    ds, fmt, source = load_stage_data(cfg, "dpo", {"preference"}, embedded_task(Path(cfg.paths.cache_dir), "preference"))
+    ds, fmt, source = load_stage_data(cfg, "dpo", {"preference"}, lambda: embedded_task(Path(cfg.paths.cache_dir), "preference"))
     validate_splits(ds, fmt, source)
     max_len = start.config.block_size
     ds["train"] = sample_prompts(ds["train"], cfg.dpo.train_pairs, cfg.seed, fmt.implicit_prompt)
@@ -274,13 +293,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         max_steps=cfg.trainer.max_steps,
         dpo=dpo,
         compile=bool(cfg.model.get("compile", False)),
+        shared_reference=lora_settings(cfg) is not None,
     )
     module.model.load_state_dict(start.state_dict())
     if module.reference is not None:
         module.reference.load_state_dict(start.state_dict())
+    peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the SFT policy; the reference is the adapters switched off
+    if peft_callbacks:
+        start = None  # no second copy: reference log-probs, the KL and the start's gold come from the base inside the policy
     ckpt = resume_checkpoint(cfg, run_dir, module.hparams.model_config)
     prompts = gold_prompts(cfg)
-    metrics: dict = {"stage": "dpo", "data": source, "init_from": str(start_path), "parents": parents, "reference": dpo["reference"]}
+    metrics: dict = {"stage": "dpo", "data": source, "init_from": str(start_path), "parents": parents, "reference": dpo["reference"], "peft": cfg.peft.method}
     if prompts and is_global_zero() and not ckpt:
         metrics["gold/start"], start_rows = gold_eval(module.model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         write_json(run_dir / "gold_start.json", {"gold": metrics["gold/start"], "rows": start_rows})
@@ -288,13 +311,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume()], parents=[start_path])
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])
     collate = DPOCollator(tokenizer.pad_token_id, share_prompts=cfg.data.get("share_prompts", True), max_row=max_len)
     if dpo["reference"] == "precompute":
         key = pairs_digest(pairs, parents["init_from"]["sha256"] + trainer.precision_plugin.__class__.__name__ + str(trainer.precision))
-        cached = cached_reference(
-            run_dir / REFERENCE_FILE, key, start, pairs, collate, cfg.data.batch_size, trainer.strategy.root_device, trainer.precision_plugin.forward_context
-        )
+        with frozen_base(module.model, start) as reference:
+            cached = cached_reference(
+                run_dir / REFERENCE_FILE, key, reference, pairs, collate, cfg.data.batch_size, trainer.strategy.root_device, trainer.precision_plugin.forward_context
+            )
         pairs = {split: with_reference(pairs[split], *cached[split]) for split in pairs}
     lengths = None
     if cfg.data.get("group_by_length", False):
@@ -314,7 +338,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics.update({"train/steps": trainer.global_step, "train/pairs": len(pairs["train"])})
     device = module.device
     module.model.to(device)
-    reference = module.reference if module.reference is not None else start.to(device)
+    if module.reference is not None:
+        reference = module.reference
+    elif start is not None:
+        reference = start.to(device)
+    else:  # LoRA: a plain copy of the base, made now, after training
+        from pipeline.model.lora import adapters_disabled, merge_lora
+
+        with adapters_disabled(module.model):
+            reference = merge_lora(module.model).eval()
     kl = sampled_kl(
         module.model, reference, kl_prompts(tokenizer, prompts, pairs["validation"], cfg.eval.num_prompts),
         max_new_tokens=cfg.eval.max_new_tokens, temperature=1.0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -334,5 +366,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         write_json(run_dir / "gold_final.json", {"gold": metrics["gold/final"], "rows": rows})
     metrics.update({"time/total_s": time.time() - started, **throughput.figures(trainer)})
-    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="lm", stage="dpo")
+    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="lm", stage="dpo", base=start_path)
     return metrics

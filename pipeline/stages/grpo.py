@@ -47,7 +47,7 @@ from pipeline.rewards import RewardSource, completions_for, parse_reward_sources
 from pipeline.rl import OnlineRLModule, check_prompt_count, fit_online, load_prompts, load_reward_model, normalise_scores, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import finish
+from pipeline.training import apply_peft, finish, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,18 @@ class GRPOModule(OnlineRLModule):
     stage = "grpo"
     batch_key = "prompts_per_rollout"
 
-    def __init__(self, actor_config: dict, reward_config: dict | None, grpo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int):
+    def __init__(self, actor_config: dict, reward_config: dict | None, grpo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
         self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
-        self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))  # at kl_coef 0 only the evaluation's KL reads it
+        if shared_reference:  # LoRA: the reference is the actor with its adapters off, not a second copy
+            from pipeline.model.lora import AdaptersOff
+
+            self.reference = AdaptersOff(self.actor)
+        else:
+            self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
         self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout})) if reward_config is not None else None
         for frozen in (self.reference, self.reward_model):
             if frozen is not None:
@@ -404,9 +409,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
+        shared_reference=lora_settings(cfg) is not None,
     )
     module.actor.load_state_dict(actor.state_dict())
-    module.reference.load_state_dict(actor.state_dict())
+    peft_callbacks = apply_peft(cfg, module, "actor")  # peft=lora / qlora: adapters on the actor; the reference is the actor with them off
+    if not peft_callbacks:
+        module.reference.load_state_dict(actor.state_dict())
     if use_rm:
         module.reward_model.load_state_dict(reward_model.state_dict())
     module.prompts, module.prompt_rows, module.eval_prompts, module.tokenizer, module.sources = prompts, rows, eval_prompts, tokenizer, sources
@@ -419,7 +427,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         len(prompts), source, actor_path, " + ".join(f"{s.weight:g} x {s.name}" for s in sources), iterations, g.prompts_per_rollout, g.group_size, g.baseline, g.kl_coef, g.kl_in,
     )
 
-    trainer, start_point, final_point = fit_online(cfg, run_dir, module, iterations, [actor_path, *([reward_path] if use_rm else [])], len(prompts), source)
+    trainer, start_point, final_point = fit_online(cfg, run_dir, module, iterations, [actor_path, *([reward_path] if use_rm else [])], len(prompts), source, peft_callbacks)
     if not trainer.is_global_zero:
         return {}
     totals = module.totals
@@ -449,5 +457,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if "eval/gold_score" in start_point:
         metrics["gold/start"] = start_point["eval/gold_score"]
         metrics["gold/final"] = final_point["eval/gold_score"]
-    finish(run_dir, module.actor, tokenizer, metrics, trainer, kind="lm", stage="grpo")
+    finish(run_dir, module.actor, tokenizer, metrics, trainer, kind="lm", stage="grpo", base=actor_path)
     return metrics

@@ -46,7 +46,7 @@ from pipeline.rl import Iterations  # noqa: F401  (re-exported: the PPO tests an
 from pipeline.rl import OnlineRLModule, check_prompt_count, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import finish
+from pipeline.training import apply_peft, finish, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,18 @@ class PPOModule(OnlineRLModule):
     stage = "ppo"
     batch_key = "rollout_batch_size"
 
-    def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int):
+    def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
         self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
-        self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
+        if shared_reference:  # LoRA: the reference is the actor with its adapters off, not a second copy
+            from pipeline.model.lora import AdaptersOff
+
+            self.reference = AdaptersOff(self.actor)
+        else:
+            self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
         self.critic = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
         self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
         for frozen in (self.reference, self.reward_model):
@@ -335,6 +340,8 @@ def load_ptx_blocks(cfg: DictConfig, tokenizer, block_size: int) -> torch.Tensor
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.time()
+    if cfg.ppo.ema_decay and lora_settings(cfg) is not None:
+        raise UserError(f"ppo.ema_decay={cfg.ppo.ema_decay} with peft={cfg.peft.method}: the moving average is kept of full weights, not of adapters; pass ppo.ema_decay=0")
     pl.seed_everything(cfg.seed, workers=True)
     root = Path(cfg.paths.root)
     actor, tokenizer, actor_payload, actor_path = runs.load_start(cfg.init_from, STAGES["ppo"].starts_from, root, "ppo", run_name=run_dir.name)
@@ -358,9 +365,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
+        shared_reference=lora_settings(cfg) is not None,
     )
     module.actor.load_state_dict(actor.state_dict())
-    module.reference.load_state_dict(actor.state_dict())
+    peft_callbacks = apply_peft(cfg, module, "actor")  # peft=lora / qlora: adapters on the actor; the reference is the actor with them off
+    if not peft_callbacks:
+        module.reference.load_state_dict(actor.state_dict())
     module.critic.load_state_dict(reward_model.state_dict())
     module.reward_model.load_state_dict(reward_model.state_dict())
     if cfg.ppo.get("critic_head", "zero") == "zero":
@@ -373,7 +383,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     iterations = int(cfg.ppo.iterations)
     log.info("ppo: %d prompts from %s; actor %s; reward model %s; %d iterations", len(prompts), source, actor_path, reward_path, iterations)
 
-    trainer, start_point, final_point = fit_online(cfg, run_dir, module, iterations, [actor_path, reward_path], len(prompts), source)
+    trainer, start_point, final_point = fit_online(cfg, run_dir, module, iterations, [actor_path, reward_path], len(prompts), source, peft_callbacks)
     if not trainer.is_global_zero:
         return {}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -402,5 +412,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if module.ema is not None:
         policy = GPT(module.actor.config)
         policy.load_state_dict(module.ema)
-    finish(run_dir, policy, tokenizer, metrics, trainer, kind="lm", stage="ppo")
+    finish(run_dir, policy, tokenizer, metrics, trainer, kind="lm", stage="ppo", base=actor_path)
     return metrics

@@ -35,7 +35,7 @@ from pipeline.losses.pairwise import pairwise_loss
 from pipeline.model import GPT, GPTConfig, ScalarGPT, last_token_index, left_pad
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, build_trainer, finish, load_best, resume_checkpoint, schedule_steps
+from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, finish, load_best, resume_checkpoint, schedule_steps
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     base, tokenizer, payload, start_path = runs.load_start(cfg.init_from, STAGES["reward"].starts_from, Path(cfg.paths.root), "reward", cls=ScalarGPT, run_name=run_dir.name, dropout=cfg.model.dropout)
     parents = runs.parent_record(init_from=start_path)
     runs.check_parents(run_dir, parents)
-    ds, fmt, source = load_stage_data(cfg, "reward", {"preference"}, embedded_task(Path(cfg.paths.cache_dir), "preference"))
+    ds, fmt, source = load_stage_data(cfg, "reward", {"preference"}, lambda: embedded_task(Path(cfg.paths.cache_dir), "preference"))
     validate_splits(ds, fmt, source)
     max_len = base.config.block_size
     pairs = {split: encode_pairs(ds[split], tokenizer, fmt, max_len, f"{source} [{split}]") for split in ds}
@@ -168,9 +168,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         use_margin=cfg.reward.use_margin,
     )
     module.model.load_state_dict(base.state_dict())
+    peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the SFT base, the score head trained in full
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput, ExactResume()], parents=[start_path])
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])
     lengths = None
     if cfg.data.get("group_by_length", False):
         lengths = [max(len(c), len(r)) for c, r in zip(pairs["train"]["chosen_ids"], pairs["train"]["rejected_ids"])]
@@ -201,6 +202,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "data": source,
         "init_from": str(start_path),
         "parents": parents,
+        "peft": cfg.peft.method,
         "val/accuracy": final["val/accuracy"],
         f"{held_out}/accuracy": test["val/accuracy"],
         f"{held_out}/chosen_reward": test["val/chosen_reward"],
@@ -216,5 +218,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics[f"{held_out}/accuracy_gold"] = test["val/accuracy_gold"]
     if policy is not None:  # pairs of the SFT policy's own samples to held-out prompts: what PPO will ask of the RM
         metrics.update({"policy_test/accuracy": policy["val/accuracy"], "policy_test/accuracy_gold": policy["val/accuracy_gold"], "policy_test/pairs": len(policy_test)})
-    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="scalar", stage="reward", extra=normaliser)
+    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="scalar", stage="reward", extra=normaliser, base=start_path)
     return metrics

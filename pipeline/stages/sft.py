@@ -26,7 +26,7 @@ from pipeline.data.packing import pack_rows
 from pipeline.evaluate import gold_eval, gold_prompts
 from pipeline.files import read_json, write_json
 from pipeline.stages import STAGES
-from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, build_trainer, finish, is_global_zero, load_best, log_table, resume_checkpoint
+from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, apply_peft, build_trainer, finish, is_global_zero, load_best, log_table, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer, payload, start_path = runs.load_start(cfg.init_from, STAGES["sft"].starts_from, Path(cfg.paths.root), "sft", run_name=run_dir.name, dropout=cfg.model.dropout)
     parents = runs.parent_record(init_from=start_path)
     runs.check_parents(run_dir, parents)
-    ds, fmt, source = load_stage_data(cfg, "sft", SFT_FORMATS, embedded_task(Path(cfg.paths.cache_dir), "sft"))
+    ds, fmt, source = load_stage_data(cfg, "sft", SFT_FORMATS, lambda: embedded_task(Path(cfg.paths.cache_dir), "sft"))
     validate_splits(ds, fmt, source)
     max_len = model.config.block_size + 1  # inputs [:-1] and targets [1:] of block_size each
     loss_on = cfg.sft.loss_on  # completion or all (pipeline/checks.py)
@@ -57,15 +57,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         stage="sft",
     )
     module.model.load_state_dict(model.state_dict())
+    peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the loaded model, the rest frozen
     prompts = gold_prompts(cfg)
-    metrics: dict = {"stage": "sft", "data": source, "init_from": str(start_path), "parents": parents}
+    metrics: dict = {"stage": "sft", "data": source, "init_from": str(start_path), "parents": parents, "peft": cfg.peft.method}
     if prompts and is_global_zero() and not resume_checkpoint(cfg, run_dir):
         metrics["gold/start"], start_rows = gold_eval(module.model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         write_json(run_dir / "gold_start.json", {"gold": metrics["gold/start"], "rows": start_rows})
         log.info("gold score of the starting model: %.4f", metrics["gold/start"])
 
     throughput = Throughput(module.model.flops_per_token(max_len - 1))
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume()], parents=[start_path])
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])
     lengths = [len(ids) for ids in train["input_ids"]] if cfg.data.get("group_by_length", False) and not cfg.data.packing else None
     datamodule = Batches(train, val, cfg.data.batch_size, PadCollator(tokenizer.pad_token_id), cfg.data.num_workers, lengths=lengths, seed=cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config), weights_only=True)
@@ -89,5 +90,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         write_json(run_dir / "gold_final.json", {"gold": metrics["gold/final"], "rows": rows})
     metrics.update({"time/total_s": time.time() - started, **throughput.figures(trainer)})
-    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="lm", stage="sft")
+    finish(run_dir, module.model, tokenizer, metrics, trainer, kind="lm", stage="sft", base=start_path)
     return metrics
