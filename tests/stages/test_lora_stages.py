@@ -69,7 +69,7 @@ def chain(tmp_path_factory, tokenizer):
     wait_all(
         start(roots["reward_lora"], "stage=reward", "peft=lora", f"data.path={prefs}", f"init_from={sft_lora}", *common),
         start(roots["dpo_lora"], "stage=dpo", "peft=lora", "dpo.reference=online", f"data.path={prefs}", f"init_from={sft_lora}", "eval.num_prompts=4", "eval.max_new_tokens=4", *common),
-        start(roots["grpo_lora"], "stage=grpo", "peft=lora", f"grpo.reward={d / 'short.py'}:short", f"data.path={prefs}", f"init_from={sft_lora}", *grpo, *common),
+        start(roots["grpo_lora"], "stage=grpo", "peft=lora", f"grpo.reward={d / 'short.py'}:short", f"data.path={prefs}", f"init_from={sft_lora}", *grpo, f"paths.cache_dir={cache}", "logger=csv"),
     )
     return {
         "base": base,
