@@ -159,6 +159,16 @@ def normalise_scores(raw: torch.Tensor, norm: dict, scale_by_std: bool) -> torch
 # The module
 
 
+def frozen_reference(actor: GPT, shared: bool) -> torch.nn.Module:
+    """An online RL stage's reference: a model of the actor's shape (the stage loads the SFT weights into it),
+    or with LoRA (`shared`) the actor itself with its adapters off, not a second copy."""
+    if shared:
+        from pipeline.model.lora import AdaptersOff  # peft: imported only for LoRA runs
+
+        return AdaptersOff(actor)
+    return GPT(actor.config)
+
+
 class OnlineRLModule(pl.LightningModule, ABC):
     """What every online-RL stage's module has; the stage sets `stage` and `batch_key`, and holds an `actor` and a `reference`.
 

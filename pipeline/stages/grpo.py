@@ -44,7 +44,7 @@ from pipeline.losses.grpo import group_advantages, grpo_loss, kl_in_reward, zero
 from pipeline.losses.ppo import entropy_from_logits, masked_mean
 from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, left_pad, token_logprobs, truncate_after_eos
 from pipeline.rewards import RewardSource, completions_for, parse_reward_sources, weighted_rewards
-from pipeline.rl import OnlineRLModule, check_prompt_count, fit_online, load_prompts, load_reward_model, normalise_scores, planned_world_size, reward_normaliser, rm_scores, uses_gold
+from pipeline.rl import OnlineRLModule, check_prompt_count, frozen_reference, fit_online, load_prompts, load_reward_model, normalise_scores, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
 from pipeline.training import apply_peft, finish, lora_settings
@@ -101,12 +101,7 @@ class GRPOModule(OnlineRLModule):
         self.automatic_optimization = False
         no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
         self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
-        if shared_reference:  # LoRA: the reference is the actor with its adapters off, not a second copy
-            from pipeline.model.lora import AdaptersOff
-
-            self.reference = AdaptersOff(self.actor)
-        else:
-            self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
+        self.reference = frozen_reference(self.actor, shared_reference)  # at kl_coef 0 only the evaluation's KL reads it
         self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout})) if reward_config is not None else None
         for frozen in (self.reference, self.reward_model):
             if frozen is not None:

@@ -43,7 +43,7 @@ from pipeline.losses.ppo import (
 )
 from pipeline.model import GPT, GPTConfig, ScalarGPT, decay_param_groups, generate, left_pad, token_logprobs, truncate_after_eos
 from pipeline.rl import Iterations  # noqa: F401  (re-exported: the PPO tests and the bench drive PPOModule with it)
-from pipeline.rl import OnlineRLModule, check_prompt_count, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
+from pipeline.rl import OnlineRLModule, check_prompt_count, frozen_reference, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
 from pipeline.training import apply_peft, finish, lora_settings
@@ -80,12 +80,7 @@ class PPOModule(OnlineRLModule):
         self.automatic_optimization = False
         no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
         self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
-        if shared_reference:  # LoRA: the reference is the actor with its adapters off, not a second copy
-            from pipeline.model.lora import AdaptersOff
-
-            self.reference = AdaptersOff(self.actor)
-        else:
-            self.reference = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
+        self.reference = frozen_reference(self.actor, shared_reference)
         self.critic = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
         self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
         for frozen in (self.reference, self.reward_model):
