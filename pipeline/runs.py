@@ -241,7 +241,8 @@ def merged_lora_payload(payload: dict, path: Path) -> dict:
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
     merged = merge_lora(model)
-    return {**payload, "state_dict": merged.state_dict(), "lora": info}
+    # adapter_state_dict: the file's own tensors, for a reader that keeps the adapter apart (PPO's shared base, the peft export)
+    return {**payload, "state_dict": merged.state_dict(), "lora": info, "adapter_state_dict": payload["state_dict"]}
 
 
 def load_model_payload(path: Path) -> dict:

@@ -10,6 +10,7 @@ hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -368,9 +369,12 @@ class ScalarGPT(GPT):
         return self.score_head(self.hidden_states(idx, attention_mask, kv_cache, packed)).squeeze(-1)  # (B, T)
 
 
-def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norm gains (1-D) stay undecayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def decay_param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norm gains (1-D) stay undecayed.
+
+    `model` is a module (its parameters that require grad) or the parameters themselves (one adapter of several).
+    """
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
