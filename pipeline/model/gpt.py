@@ -10,8 +10,8 @@ hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import Iterable
 
 import torch
 import torch.nn as nn
