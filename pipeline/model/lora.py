@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
@@ -103,11 +104,26 @@ def _quantize_nf4(model: GPT, settings: LoraSettings) -> None:
             layer.in_features, layer.out_features, bias=layer.bias is not None,
             compute_dtype=w.dtype, quant_type="nf4", device="meta",
         )
+        # bitsandbytes 0.50 repacks the weight in place for its AVX512-BF16 CPU kernel on the first eval-mode,
+        # no-grad forward: that layout fails for layers narrower than a quantisation block (64), breaks
+        # dequantize_4bit (merge_lora, base_digest) and differs between machines. The plain 4-bit path everywhere.
+        q.support_avx512bf16_for_cpu = False
         # Params4bit quantises when it is moved to a device (.to below), on CPU as on CUDA.
         q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4")
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.data, requires_grad=False)
         setattr(parent, attr, q.to(w.device))
+
+
+def _peft_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        # Anchored on the full module name: only the blocks' projections, whatever else is called *_proj.
+        target_modules=rf"blocks\.\d+\.(attn|mlp)\.({'|'.join(settings.target_modules)})",
+        bias="none",
+    )  # no task_type: peft's causal-LM wrapper expects transformers' generation hooks
 
 
 def apply_lora(model: GPT, settings: LoraSettings) -> GPT:
@@ -123,16 +139,8 @@ def apply_lora(model: GPT, settings: LoraSettings) -> GPT:
         # peft chooses its bnb LoRA layer only when the model says it is loaded in 4 bit (tuners/lora/model.py);
         # otherwise it would wrap Linear4bit (a subclass of nn.Linear) as a plain Linear and merge wrongly.
         model.is_loaded_in_4bit = True
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        # Anchored on the full module name: only the blocks' projections, whatever else is called *_proj.
-        target_modules=rf"blocks\.\d+\.(attn|mlp)\.({'|'.join(settings.target_modules)})",
-        bias="none",
-    )  # no task_type: peft's causal-LM wrapper expects transformers' generation hooks
     try:
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # also freezes every non-adapter parameter
+        inject_adapter_in_model(_peft_config(settings), model, adapter_name=ADAPTER)  # also freezes every non-adapter parameter
     finally:
         if settings.quantize == "nf4":
             del model.is_loaded_in_4bit
@@ -140,6 +148,115 @@ def apply_lora(model: GPT, settings: LoraSettings) -> GPT:
         model.score_head.requires_grad_(True)
     model.lora_settings = settings  # what runs.save_model writes beside the adapter
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on the model's layers, the model's own ("default") first."""
+    names = {name for _, layer in lora_layers(model) for name in layer.lora_A}
+    return sorted(names, key=lambda n: (n != ADAPTER, n))
+
+
+def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def add_adapter(model: GPT, name: str, settings: LoraSettings, trainable: bool) -> None:
+    """Another named adapter on the same frozen base, beside the model's own ("default").
+
+    PPO's critic and reward model are adapters of this kind on the actor's base: one base in memory
+    for four models. The new adapter starts at zero (load_adapter_state_dict(..., adapter=name) fills
+    it) and is used only inside `adapter_active(model, name)`: the model's forward stays "default"'s,
+    and every other parameter keeps its requires_grad. peft makes the newest adapter the active one
+    and toggles requires_grad as it does; both are put back here.
+    """
+    if not has_lora(model):
+        raise ValueError("add_adapter: the model has no adapters of its own yet (apply_lora first)")
+    if name == ADAPTER or name in adapter_names(model):
+        raise ValueError(f"add_adapter: the model has an adapter named {name!r} already")
+    own = getattr(model, "lora_settings", None)
+    if own is not None and own.quantize != settings.quantize:
+        raise ValueError(f"add_adapter: adapter {name!r} is for a {settings.quantize or 'float'} base; the model's base is {own.quantize or 'float'}")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    if settings.quantize == "nf4":
+        model.is_loaded_in_4bit = True  # see apply_lora: a layer not adapted yet must get peft's bnb LoRA layer
+    try:
+        with warnings.catch_warnings():  # "multiple adapters in the model": that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(_peft_config(settings), model, adapter_name=name)
+    finally:
+        if settings.quantize == "nf4":
+            del model.is_loaded_in_4bit
+    for _, layer in lora_layers(model):
+        layer.set_adapter(ADAPTER)
+    _restore_flags(flags)
+    adapter_parameters(model, name)  # raises if no layer got the adapter
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(trainable)
+
+
+def adapter_parameters(model: nn.Module, name: str = ADAPTER) -> list[nn.Parameter]:
+    """The parameters of one named adapter (its lora_A and lora_B of every layer), in module order."""
+    found = [p for n, p in model.named_parameters() if ".lora_" in n and n.split(".")[-2] == name]
+    if not found:
+        raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
+    return found
+
+
+@contextlib.contextmanager
+def adapter_active(model: nn.Module, name: str):
+    """Inside the block the model computes its base plus adapter `name` alone; "default" again on exit.
+
+    A layer that the adapter does not target computes its base. requires_grad flags are left as they
+    were (peft's set_adapter would freeze every inactive adapter), so a critic's forward and the
+    actor's can share one backward.
+    """
+    if name not in adapter_names(model):
+        raise ValueError(f"adapter_active: the model has no adapter named {name!r}; it has {adapter_names(model)}")
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [list(layer.active_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.set_adapter(name)
+    _restore_flags(flags)
+    try:
+        yield model
+    finally:
+        for layer, names in zip(layers, before):
+            layer.set_adapter(names)
+        _restore_flags(flags)
+
+
+class AdapterHead(nn.Module):
+    """A scalar model (PPO's critic or reward model) made of a LoRA backbone it shares and a head of its own.
+
+    forward is the backbone's hidden states with adapter `adapter` active (None: every adapter off,
+    the plain base) through `score_head`: (B, T), as a ScalarGPT gives. The backbone belongs to
+    another module (it is kept outside this module's tree, as in AdaptersOff), so state_dict and .to()
+    see it once; the trainable parameters are `parameters_to_train()`.
+    """
+
+    def __init__(self, backbone: GPT, adapter: str | None, head: nn.Linear):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule
+        if adapter is not None and adapter not in adapter_names(backbone):
+            raise ValueError(f"AdapterHead: the backbone has no adapter named {adapter!r}; it has {adapter_names(backbone)}")
+        self.adapter = adapter
+        self.score_head = head
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, idx, attention_mask=None) -> torch.Tensor:
+        context = adapters_disabled(self.backbone) if self.adapter is None else adapter_active(self.backbone, self.adapter)
+        with context:
+            hidden = self.backbone.hidden_states(idx, attention_mask)
+        return self.score_head(hidden).squeeze(-1)
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        own = adapter_parameters(self.backbone, self.adapter) if self.adapter is not None else []
+        return [p for p in [*own, *self.score_head.parameters()] if p.requires_grad]
 
 
 PEFT_METHODS = ("none", "lora", "qlora")
@@ -236,7 +353,7 @@ def merge_lora(model: GPT) -> GPT:
             base = layer.get_base_layer()
             if leaf == "weight":
                 # Inside adapters_disabled the model computes its base, and so does the merged copy.
-                delta = 0.0 if layer.disable_adapters else layer.get_delta_weight(ADAPTER)
+                delta = 0.0 if layer.disable_adapters or ADAPTER not in layer.lora_A else layer.get_delta_weight(ADAPTER)
                 state[key] = (_base_weight(base).float() + delta).to(dtype)
             else:
                 state[key] = getattr(base, leaf).detach()
@@ -247,14 +364,22 @@ def merge_lora(model: GPT) -> GPT:
     return merged
 
 
-def _adapter_keys(model: nn.Module) -> list[str]:
-    """state_dict keys of the adapters (lora_A / lora_B of each layer) and of a ScalarGPT's score_head."""
+def _adapter_keys(model: nn.Module, adapter: str = ADAPTER) -> dict[str, str]:
+    """{file key: model key} of one adapter's tensors (lora_A / lora_B of each layer), and for the
+    model's own adapter a ScalarGPT's score_head. Files name every adapter "default"."""
     prefixes = tuple(f"{name}.lora_" for name, _ in lora_layers(model))
-    return [k for k in model.state_dict() if k.startswith(prefixes) or k.startswith("score_head.")]
+    keys = {}
+    for k in model.state_dict():
+        if k.startswith(prefixes) and k.split(".")[-2] == adapter:
+            head, _, leaf = k.rpartition(f".{adapter}.")
+            keys[f"{head}.{ADAPTER}.{leaf}"] = k
+        elif adapter == ADAPTER and k.startswith("score_head."):
+            keys[k] = k
+    return keys
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the adapter tensors (and score_head): all that training changed, a few KB to MB."""
+    """Copies of the model's own adapter tensors (and score_head): all that training changed, a few KB to MB."""
     if not has_lora(model):
         raise ValueError("adapter_state_dict: the model has no adapters")
     state = model.state_dict()
@@ -262,18 +387,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors saved by adapter_state_dict into a model with the same adapters; strict."""
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter: str = ADAPTER) -> None:
+    """Load adapter tensors saved by adapter_state_dict into the model's adapter `adapter`; strict.
+
+    Into the model's own adapter the file's score_head goes too; into another one (a second adapter
+    on a shared base, add_adapter) the lora tensors alone, the head being the caller's.
+    """
     own = model.state_dict()
-    expected = _adapter_keys(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    expected = _adapter_keys(model, adapter)
+    given = set(state) if adapter == ADAPTER else {k for k in state if not k.startswith("score_head.")}
+    missing = sorted(set(expected) - given)
+    unexpected = sorted(given - set(expected))
     if missing or unexpected:
         raise ValueError(f"load_adapter_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-    for key in expected:
-        if tuple(state[key].shape) != tuple(own[key].shape):
-            raise ValueError(f"load_adapter_state_dict: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(own[key].shape)}")
-        own[key].copy_(state[key])  # state_dict tensors share storage with the parameters
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(own[target].shape):
+            raise ValueError(f"load_adapter_state_dict: {key} has shape {tuple(state[key].shape)}, the model's is {tuple(own[target].shape)}")
+        own[target].copy_(state[key])  # state_dict tensors share storage with the parameters
 
 
 def base_digest(model: GPT) -> str:

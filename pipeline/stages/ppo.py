@@ -46,7 +46,7 @@ from pipeline.rl import Iterations  # noqa: F401  (re-exported: the PPO tests an
 from pipeline.rl import OnlineRLModule, check_prompt_count, frozen_reference, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import apply_peft, finish, lora_settings
+from pipeline.training import TrainedOnly, finish, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ class PPOModule(OnlineRLModule):
         no_dropout = {"dropout": 0.0}  # dropout would make log-probs of the same tokens differ between passes
         self.actor = GPT(GPTConfig.from_dict({**actor_config, **no_dropout}))
         self.reference = frozen_reference(self.actor, shared_reference)
-        self.critic = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
-        self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
-        for frozen in (self.reference, self.reward_model):
-            frozen.requires_grad_(False).eval()
+        if shared_reference:  # LoRA: the critic and the reward model are adapters and heads, made by lora_models
+            self.critic = self.reward_model = None
+        else:
+            self.critic = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
+            self.reward_model = ScalarGPT(GPTConfig.from_dict({**reward_config, **no_dropout}))
+            for frozen in (self.reference, self.reward_model):
+                frozen.requires_grad_(False).eval()
         self.cfg = OmegaConf.create(ppo)
         kl = self.cfg
         self.kl_ctl = AdaptiveKLController(kl.kl_coef, kl.target_kl, kl.horizon) if kl.adaptive_kl else FixedKLController(kl.kl_coef)
@@ -285,8 +288,13 @@ class PPOModule(OnlineRLModule):
     def configure_optimizers(self):
         o = self.hparams.optim
         fused = torch.cuda.is_available() and next(self.actor.parameters()).is_cuda
-        actor = torch.optim.AdamW(decay_param_groups(self.actor, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
-        critic = torch.optim.AdamW(decay_param_groups(self.critic, o["weight_decay"]), lr=self.cfg.critic_lr, betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
+        actor_params, critic_params = self.actor, self.critic
+        if self.hparams.shared_reference:  # LoRA: the actor's own adapter; the critic's adapter and head (on the actor's base or the RM's)
+            from pipeline.model.lora import adapter_parameters
+
+            actor_params, critic_params = adapter_parameters(self.actor), self.critic.parameters_to_train()
+        actor = torch.optim.AdamW(decay_param_groups(actor_params, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
+        critic = torch.optim.AdamW(decay_param_groups(critic_params, o["weight_decay"]), lr=self.cfg.critic_lr, betas=tuple(o["betas"]), eps=1e-5, fused=fused or None)
         total = self.cfg.iterations
         decay = lambda it: max(0.0, 1.0 - it / max(1, total)) if self.cfg.anneal_lr else 1.0  # noqa: E731
         return [actor, critic], [torch.optim.lr_scheduler.LambdaLR(actor, decay), torch.optim.lr_scheduler.LambdaLR(critic, decay)]
@@ -319,6 +327,66 @@ def reset_value_head(critic: ScalarGPT) -> None:
     with torch.no_grad():
         critic.score_head.weight.zero_()
         critic.score_head.bias.zero_()
+
+
+SHARE_BASE = ("auto", "true", "false")
+
+
+def shared_base_refusal(reward_payload: dict, reward_path: Path, actor_digest: str, actor_path: Path, quantize: str | None) -> str | None:
+    """Why the reward run cannot be an adapter on the policy's base (None: it can)."""
+    info = reward_payload.get("lora")
+    if info is None:
+        return f"reward_from={reward_path} is a fully trained reward model, not an adapter: train it with peft=lora on the policy's SFT run ({actor_path})"
+    if info["settings"].get("quantize") != quantize:
+        return f"reward_from={reward_path} is an adapter on a {info['settings'].get('quantize') or 'float'} base, the policy's is {quantize or 'float'}: train both with the same peft method"
+    if info["base_sha256"] != actor_digest:
+        return f"reward_from={reward_path} is an adapter on another base ({info['base']}) than the policy's (init_from={actor_path}; the digests differ)"
+    return None
+
+
+def lora_models(module: PPOModule, settings, reward_model: ScalarGPT, reward_payload: dict, reward_path: Path, actor_path: Path, share: str) -> bool:
+    """peft=lora / qlora: the actor's adapter, and the critic and reward model on as few frozen bases as the runs allow.
+
+    One base (`share`=auto when the reward run is a LoRA adapter on the policy's SFT base, or true):
+    the SFT base carries three adapters, the actor's ("default", trained), the reward model's
+    ("reward", frozen, from the reward run) and the critic's ("critic", trained, starting as the
+    reward model's); the critic and the reward model each add a head of n_embd + 1 numbers, and the
+    reference is the base with every adapter off. Four models, one copy of the weights.
+    Otherwise two bases: the SFT base (actor, reference) and one frozen copy of the reward model,
+    which carries the critic's adapter (the reward model is that copy with its adapter off).
+    Returns whether the base is shared.
+    """
+    from pipeline.model.lora import ADAPTER, AdapterHead, AdaptersOff, LoraSettings, add_adapter, apply_lora, base_digest, load_adapter_state_dict
+
+    actor = apply_lora(module.actor, settings)
+    head_state = {k.removeprefix("score_head."): v for k, v in reward_model.state_dict().items() if k.startswith("score_head.")}
+
+    def head() -> torch.nn.Linear:
+        linear = torch.nn.Linear(reward_model.config.n_embd, 1, bias=True)
+        linear.load_state_dict(head_state)
+        return linear
+
+    refusal = None if share == "false" else shared_base_refusal(reward_payload, reward_path, base_digest(actor), actor_path, settings.quantize)
+    if share == "true" and refusal is not None:
+        raise UserError(f"ppo.share_base=true: {refusal}")
+    if share != "false" and refusal is None:
+        reward_settings = LoraSettings.from_dict(reward_payload["lora"]["settings"])
+        for name, trainable in (("reward", False), ("critic", True)):
+            add_adapter(actor, name, reward_settings, trainable=trainable)
+            load_adapter_state_dict(actor, reward_payload["adapter_state_dict"], adapter=name)
+        module.critic = AdapterHead(actor, "critic", head())
+        module.reward_model = AdapterHead(actor, "reward", head()).requires_grad_(False).eval()
+        return True
+    if share == "auto":
+        log.info("ppo: the critic and the reward model on a copy of the reward model, not on the policy's base: %s", refusal)
+    backbone = ScalarGPT(GPTConfig.from_dict({**reward_model.config.to_dict(), "dropout": 0.0}))
+    backbone.load_state_dict(reward_model.state_dict())
+    apply_lora(backbone, settings)  # the critic's adapter
+    backbone.score_head.requires_grad_(False)  # the reward model's head; the critic has its own
+    module.reward_backbone = backbone
+    module.critic = AdapterHead(backbone, ADAPTER, head())
+    module.reward_model = AdaptersOff(backbone).eval()
+    return False
 
 
 def load_ptx_blocks(cfg: DictConfig, tokenizer, block_size: int) -> torch.Tensor:
@@ -363,16 +431,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         shared_reference=lora_settings(cfg) is not None,
     )
     module.actor.load_state_dict(actor.state_dict())
-    peft_callbacks = apply_peft(cfg, module, "actor")  # peft=lora / qlora: adapters on the actor; the reference is the actor with them off
-    if not peft_callbacks:
+    settings, shared_base, peft_callbacks = lora_settings(cfg), False, []
+    if settings is None:
         module.reference.load_state_dict(actor.state_dict())
-    module.critic.load_state_dict(reward_model.state_dict())
-    module.reward_model.load_state_dict(reward_model.state_dict())
+        module.critic.load_state_dict(reward_model.state_dict())
+        module.reward_model.load_state_dict(reward_model.state_dict())
+    else:
+        share = str(cfg.ppo.get("share_base", "auto")).lower()
+        if share not in SHARE_BASE:
+            raise UserError(f"ppo.share_base={cfg.ppo.share_base!r} must be one of {list(SHARE_BASE)}")
+        shared_base = lora_models(module, settings, reward_model, reward_payload, reward_path, actor_path, share)
     if cfg.ppo.get("critic_head", "zero") == "zero":
         reset_value_head(module.critic)
+    if settings is not None:
+        module.strict_loading = False  # the checkpoints hold what trains (TrainedOnly): adapters and the critic's head
+        peft_callbacks = [TrainedOnly(module, "")]
+        log.info("ppo: %s (rank %d), %s, %d parameters train", cfg.peft.method, settings.r, "one shared base" if shared_base else "two bases (the policy's, the reward model's)", sum(p.numel() for p in module.parameters() if p.requires_grad))
+    block_size = actor.config.block_size
+    del actor, reward_model, actor_payload, reward_payload  # the module holds what it needs; the loaded copies would stay in memory through the fit
     module.prompts, module.eval_prompts, module.tokenizer = prompts, eval_prompts, tokenizer
     if cfg.ppo.ptx_coef:
-        module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, actor.config.block_size)
+        module.ptx_blocks = load_ptx_blocks(cfg, tokenizer, block_size)
     if uses_gold(cfg):
         module.gold_fn = default_task().gold_score
     iterations = int(cfg.ppo.iterations)
@@ -389,6 +468,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "reward_from": str(reward_path),
         "parents": parents,
         "train/iterations": module.iteration,
+        "peft": cfg.peft.method if settings is not None else "none",
+        "ppo/shared_base": shared_base,
+        "train/trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "start/rm_score": start_point.get("eval/rm_score"),
         "final/rm_score": final_point.get("eval/rm_score"),
         "final/kl": final_point.get("eval/kl"),

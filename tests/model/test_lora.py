@@ -196,10 +196,11 @@ def test_settings_are_checked():
         apply_lora(model, LoraSettings())
 
 
-# QLoRA. Measured max |logits - float logits| at initialisation on tokens(), this config (n_embd 32),
-# seeds 0, 1, 2: 0.027, 0.018, 0.014 (the logits' std is 0.13); at n_embd 64: 0.035-0.047 (std 0.20).
+# QLoRA. Measured max |logits - float logits| at initialisation on tokens(), this config (n_embd 32):
+# 0.027 (seed 0) on one machine; 0.064 on another (2026-12-01, an AVX512-BF16 CPU), where bitsandbytes'
+# NF4 round trip equals a hand-written NF4 exactly (relative RMS error 0.092 on a Gaussian matrix).
 # NF4 keeps 16 levels per block of 64 weights: this is the quantisation error of the base itself.
-QLORA_LOGIT_ATOL = 0.04
+QLORA_LOGIT_ATOL = 0.1
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """peft=lora / qlora through the stages: adapters trained, saved with their base's digest, read back merged.
 
-One finished base run (a tiny model), then SFT with LoRA and with QLoRA, and from the LoRA SFT run a
-LoRA reward model and LoRA DPO, each a real `python -m pipeline` process on small data.
+One finished base run (a tiny model), then SFT with LoRA and with QLoRA; from the LoRA SFT run a
+LoRA reward model, LoRA DPO and LoRA GRPO; then LoRA PPO on one shared base: each a real
+`python -m pipeline` process on small data.
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ def chain(tmp_path_factory, tokenizer):
         start(roots["dpo_lora"], "stage=dpo", "peft=lora", "dpo.reference=online", f"data.path={prefs}", f"init_from={sft_lora}", "eval.num_prompts=4", "eval.max_new_tokens=4", *common),
         start(roots["grpo_lora"], "stage=grpo", "peft=lora", f"grpo.reward={d / 'short.py'}:short", f"data.path={prefs}", f"init_from={sft_lora}", *grpo, f"paths.cache_dir={cache}", "logger=csv"),
     )
+    ppo = ["ppo.iterations=2", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.max_new_tokens=4", "ppo.eval_every=2", "ppo.eval_prompts=4", "ppo.save_every=2"]
+    reward_lora = only_run(roots["reward_lora"], "reward")
+    roots["ppo_lora"] = d / "ppo_lora"
+    wait_all(start(roots["ppo_lora"], "stage=ppo", "peft=lora", f"data.path={prefs}", f"init_from={sft_lora}", f"reward_from={reward_lora}", *ppo, f"paths.cache_dir={cache}", "logger=csv"))
     return {
+        "ppo_lora": only_run(roots["ppo_lora"], "ppo"),
         "base": base,
         "sft_lora": sft_lora,
         "sft_qlora": only_run(roots["sft_qlora"], "sft"),
-        "reward_lora": only_run(roots["reward_lora"], "reward"),
+        "reward_lora": reward_lora,
         "dpo_lora": only_run(roots["dpo_lora"], "dpo"),
         "grpo_lora": only_run(roots["grpo_lora"], "grpo"),
     }
@@ -235,3 +241,16 @@ def test_a_lora_run_resumes_exactly_from_a_checkpoint_of_its_adapters(tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert float(a["blocks.0.attn.q_proj.lora_B.default.weight"].abs().max()) > 0  # the adapters trained
+
+
+def test_lora_ppo_runs_its_four_models_on_one_base(chain):
+    run = chain["ppo_lora"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["peft"] == "lora" and metrics["ppo/shared_base"] is True and metrics["train/iterations"] == 2
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    names = set(checkpoint["state_dict"])
+    assert any(".lora_A.critic." in k for k in names) and any(".lora_A.default." in k for k in names) and "critic.score_head.weight" in names
+    assert not any(".reward." in k or "base_layer" in k or k.startswith("reward_model.") for k in names)  # frozen: loaded again on resume
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved["lora"]["base"] == str((chain["sft_lora"] / "model.pt").resolve())
+    assert saved["state_dict"] and all(".lora_" in k and ".default." in k for k in saved["state_dict"])  # the policy's adapter alone
