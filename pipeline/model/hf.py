@@ -7,12 +7,14 @@ The backbone maps onto an existing architecture, so the exported folder loads wi
     pos_emb=rope,    norm=rmsnorm,   mlp=swiglu ->  LlamaForCausalLM
 
 The mapping between the two state dicts lives here only; `runs.load_model_payload` calls
-`load_transformers` for a transformers folder, so every stage's init_from takes one.
+`load_transformers` for a transformers folder, so every stage's init_from takes one. A LoRA run's
+adapter in peft's format for these models is pipeline/model/peft_format.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -336,21 +338,42 @@ def max_logit_difference(model: GPT, hf_model, seq_len: int = 16) -> tuple[float
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export(model: GPT, tokenizer, out_dir: Path, dtype: str = "float32") -> dict:
-    """Write model + tokenizer as a transformers folder, atomically; return figures about it."""
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise UserError(f"export.dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+
+
+def checked_transformers(model: GPT, tokenizer=None) -> tuple[object, dict]:
+    """The float32 transformers model of ours, checked to give our logits; figures about it."""
     hf = to_transformers(model, tokenizer)
     diff, scale = max_logit_difference(model, hf)
     # float32 on both sides: only rounding differs, relative to the logits' size (large for a trained model).
     if diff > 1e-4 * max(1.0, scale):
         raise RuntimeError(f"exported model disagrees with ours: max logit difference {diff:.3g} on logits up to {scale:.3g}")
-    hf = hf.to(DTYPES[dtype])
+    return hf, {"architecture": HF_CLASS[architecture_of(model.config)], "check/max_abs_logit_diff": diff}
+
+
+def save_transformers(hf, tokenizer, directory: Path, dtype: str = "float32") -> None:
+    """hf (cast to dtype in place) and the tokenizer into directory; not atomic by itself (export is)."""
+    check_dtype(dtype)
+    hf.to(DTYPES[dtype]).save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+def export(model: GPT, tokenizer, out_dir: Path, dtype: str = "float32", extra: Callable[[Path], dict] | None = None) -> dict:
+    """Write model + tokenizer as a transformers folder, atomically; return figures about it.
+
+    `extra(folder)` writes more into the folder before it is swapped in (a LoRA run's adapter/ and
+    base/, pipeline/model/peft_format.py) and returns its figures; if it raises, nothing is swapped in.
+    """
+    check_dtype(dtype)
+    hf, figures = checked_transformers(model, tokenizer)
 
     def fill(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        save_transformers(hf, tokenizer, tmp, dtype)
+        if extra is not None:
+            figures.update(extra(tmp))
 
     write_dir_atomically(Path(out_dir), fill)
-    return {"architecture": HF_CLASS[architecture_of(model.config)], "check/max_abs_logit_diff": diff, "dtype": dtype}
+    return {**figures, "dtype": dtype}
