@@ -199,6 +199,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "model.rope_theta": (POSITIVE, ""),
     "model.tie_embeddings": (BOOL, ""),
     "model.compile": (BOOL, ""),
+    "model.activation_checkpointing": (BOOL, ""),
     "tokenizer.vocab_size": (Number(low=MIN_VOCAB_SIZE, integer=True), f"a byte-level BPE holds {BYTE_ALPHABET_SIZE} bytes and {len(SPECIAL_TOKENS)} special tokens"),
     "tokenizer.path": (Satisfies(_existing_path, "an existing tokenizer.json or tokenizer folder"), "no such file or directory"),
     # data
@@ -282,6 +283,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "ppo.critic_warmup": (SIZE, ""),
     "ppo.anneal_lr": (BOOL, ""),
     "ppo.ema_decay": (Number(low=0, high=1, high_open=True), "0: no moving average"),
+    "ppo.share_base": (OneOf(("auto", True, False), "auto, true or false"), "peft=lora: the critic and the reward model as adapters on the policy's base"),
     "ppo.eval_every": (COUNT, "iterations between evaluations"),
     "ppo.eval_prompts": (COUNT, ""),
     "ppo.save_every": (COUNT, "iterations between checkpoints"),

@@ -29,7 +29,9 @@ from pipeline.data.samplers import GroupedSampler, ResumableSampler, ShuffledSam
 from pipeline.errors import UserError
 from pipeline.files import read_json, write_json
 from pipeline.losses.lm import next_token_loss
+from pipeline.memory import MEMORY_FILE, MemoryFigures
 from pipeline.model import GPT, Block, GPTConfig, decay_param_groups, generate, pad_vocab
+from pipeline.model.gpt import set_activation_checkpointing
 from pipeline.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -438,7 +440,8 @@ def build_trainer(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), *callbacks]
+    # Every stage run writes run_dir/memory.json: parameter, gradient and optimiser bytes, peak memory, step time.
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), MemoryFigures(run_dir / MEMORY_FILE), *callbacks]
     logger = make_logger(cfg, run_dir, parents)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
@@ -511,7 +514,10 @@ def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trai
     logger = trainer.logger
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-    log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metrics)
+    metadata = metrics
+    if getattr(model, "lora_settings", None) is not None:  # the artifact is an adapter: name its base (path, weights digest) and settings, as model.pt does
+        metadata = {**metrics, "lora": runs.load_file(run_dir / runs.MODEL_FILE, "model file")["lora"]}
+    log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metadata)
     write_json(run_dir / runs.METRICS_FILE, metrics)
     if logger is not None:
         logger.finalize("success")
@@ -576,6 +582,21 @@ def lora_settings(cfg: DictConfig):
         return settings_from_config(peft)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def memory_levers(cfg: DictConfig, *models: torch.nn.Module) -> None:
+    """model.activation_checkpointing=true on the models a stage trains (GPT / ScalarGPT, LoRA or not); false turns it off.
+
+    Each block then keeps only its input in a forward that records gradients and is run again in the
+    backward pass. Frozen models (references, reward models) need not be passed: their forwards record
+    no gradients, so nothing is checkpointed there anyway. The setting is read with a default (false),
+    so a user config without the key works; it is a runtime setting, never part of model.pt's config.
+    """
+    on = bool(OmegaConf.select(cfg, "model.activation_checkpointing", default=False))
+    for model in models:
+        set_activation_checkpointing(model, on)
+    if on and models:
+        log.info("%s: activation checkpointing on (%d model%s): blocks are recomputed in the backward pass", cfg.get("stage"), len(models), "s" if len(models) > 1 else "")
 
 
 class LanguageModelModule(pl.LightningModule):

@@ -353,6 +353,8 @@ VALUES = [
     ("pretrain", "model.rope_theta=0", "model.rope_theta=0: must be > 0"),
     ("pretrain", "model.tie_embeddings=no", "model.tie_embeddings=no: must be true or false"),
     ("pretrain", "model.compile=1", "model.compile=1: must be true or false"),
+    ("pretrain", "model.activation_checkpointing=1", "model.activation_checkpointing=1: must be true or false"),
+    ("ppo", "ppo.share_base=yes", "ppo.share_base=yes: must be auto, true or false"),
     ("pretrain", "data.path=./no/such/folder", "data.path=./no/such/folder: must be an existing file or folder, or a hub dataset name"),
     ("pretrain", "data.val_fraction=1.5", "data.val_fraction=1.5: must be in (0, 1)"),
     ("pretrain", "data.seq_len=0", "data.seq_len=0: must be >= 1"),

@@ -82,6 +82,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a compiled model (model.compile=true) samples eagerly: see the docstring
 def generate(
     model: GPT,
     input_ids: torch.Tensor,
@@ -106,6 +107,10 @@ def generate(
     num_samples G > 1 draws G continuations of every prompt (GRPO's groups): the prompts are
     prefilled once, then the cache and the last logits are copied to B*G rows, prompt-major (row
     b*G+g is sample g of prompt b), and every returned tensor has B*G rows.
+
+    A model compiled in place (model.compile=true) runs eagerly here: the prefill and every decode step
+    would be graphs of their own, recompiled for each new batch and prompt width, while the training
+    forwards that compile pays for are elsewhere. Under autocast the KV cache holds the autocast dtype.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: must be >= 1")

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def _is_number(value, integer: bool = False) -> bool:
@@ -222,7 +223,15 @@ class Block(nn.Module):
         self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary, mask, kv_cache):
+    def forward(self, x, rotary, mask, kv_cache, checkpoint: bool = False):
+        if checkpoint:
+            # Activation checkpointing: only the block's input is kept; the backward pass runs the block again
+            # (dropout draws the same masks: the RNG state is replayed). Inside the block, so that an FSDP unit
+            # wrapping it gathers its weights for the recompute as for the forward.
+            return torch.utils.checkpoint.checkpoint(self._forward, x, rotary, mask, kv_cache, use_reentrant=False)
+        return self._forward(x, rotary, mask, kv_cache)
+
+    def _forward(self, x, rotary, mask, kv_cache):
         x = x + self.attn(self.norm_1(x), rotary, mask, kv_cache)
         return x + self.mlp(self.norm_2(x))
 
@@ -249,7 +258,15 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    """The language model: token ids (B, T) -> next-token logits (B, T, V)."""
+    """The language model: token ids (B, T) -> next-token logits (B, T, V).
+
+    `activation_checkpointing` (a runtime switch, not a config field: set_activation_checkpointing) keeps
+    only each block's input in a forward that records gradients, and recomputes the block in the
+    backward pass: activation memory of one block instead of n_layer, for about one more forward.
+    Forwards without gradients (evaluation, sampling with the KV cache) run as they are.
+    """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -333,18 +350,30 @@ class GPT(nn.Module):
         else:
             rotary = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # 2 x (B, 1, T, hs/2)
         x = self.drop(x)
+        checkpoint = self.checkpoints_blocks(kv_cache)
         for block in self.blocks:
-            x = block(x, rotary, mask, kv_cache)
+            x = block(x, rotary, mask, kv_cache, checkpoint=checkpoint)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm_f(x)
+
+    def checkpoints_blocks(self, kv_cache: KVCache | None = None) -> bool:
+        """Whether a forward here and now runs its blocks under activation checkpointing: switched on, recording gradients, no KV cache."""
+        return self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
 
     def forward(self, idx, attention_mask=None, kv_cache=None, packed=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(idx, attention_mask, kv_cache, packed))  # (B, T, V)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache in the dtype the keys and values are computed in: autocast's where it is on, else the weights'.
+
+        Under autocast (Lightning's bf16-mixed / 16-mixed) the projections give bf16 / fp16 keys; a float32
+        cache would hold them at twice the memory and cast at every step.
+        """
         p = self.wte.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        device_type = p.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else p.dtype
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12*L*H*hs*T for attention."""
@@ -367,6 +396,13 @@ class ScalarGPT(GPT):
 
     def forward(self, idx, attention_mask=None, kv_cache=None, packed=None) -> torch.Tensor:
         return self.score_head(self.hidden_states(idx, attention_mask, kv_cache, packed)).squeeze(-1)  # (B, T)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation checkpointing of a GPT / ScalarGPT (LoRA or not) on or off; see GPT."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"activation checkpointing is a switch of GPT models, not of {type(model).__name__}")
+    model.activation_checkpointing = bool(on)
 
 
 def decay_param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict]:

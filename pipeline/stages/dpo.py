@@ -43,7 +43,7 @@ from pipeline.files import atomic_write_bytes, load_tensors, read_json, write_js
 from pipeline.losses.dpo import chosen_nll, dpo_loss
 from pipeline.model import GPT, GPTConfig, sequence_logprobs
 from pipeline.stages import STAGES
-from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, lora_settings, finish, is_global_zero, load_best, log_table, resume_checkpoint, schedule_steps
+from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, lora_settings, finish, is_global_zero, load_best, log_table, memory_levers, resume_checkpoint, schedule_steps
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if module.reference is not None:
         module.reference.load_state_dict(start.state_dict())
     peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the SFT policy; the reference is the adapters switched off
+    memory_levers(cfg, module.model)  # the policy; the reference records no gradients
     if peft_callbacks:
         start = None  # no second copy: reference log-probs, the KL and the start's gold come from the base inside the policy
     ckpt = resume_checkpoint(cfg, run_dir, module.hparams.model_config)

@@ -47,7 +47,7 @@ from pipeline.rewards import RewardSource, completions_for, parse_reward_sources
 from pipeline.rl import OnlineRLModule, check_prompt_count, frozen_reference, fit_online, load_prompts, load_reward_model, normalise_scores, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import apply_peft, finish, lora_settings
+from pipeline.training import apply_peft, finish, lora_settings, memory_levers
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class GRPOModule(OnlineRLModule):
     stage = "grpo"
     batch_key = "prompts_per_rollout"
 
-    def __init__(self, actor_config: dict, reward_config: dict | None, grpo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False):
+    def __init__(self, actor_config: dict, reward_config: dict | None, grpo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -115,6 +115,19 @@ class GRPOModule(OnlineRLModule):
     @property
     def group_size(self) -> int:
         return int(self.cfg.group_size)
+
+    def configure_model(self) -> None:
+        # model.compile: the update's forward (with gradients) goes through a compiled wrapper that shares the actor's
+        # parameters. Not the actor in place: sampling (KV cache) and the no-grad forwards stay eager, graphs of their own
+        # that would be compiled for little. Kept off the module tree (no second set of state_dict keys).
+        if self.hparams.compile and getattr(self, "_compiled_actor", None) is None:
+            object.__setattr__(self, "_compiled_actor", torch.compile(self.actor))
+
+    @property
+    def training_actor(self) -> torch.nn.Module:
+        """What the update's forward calls: the compiled wrapper of the actor under model.compile, else the actor."""
+        compiled = getattr(self, "_compiled_actor", None)
+        return self.actor if compiled is None else compiled
 
     # -- forwards over packed groups -----------------------------------------------------------
 
@@ -260,7 +273,7 @@ class GRPOModule(OnlineRLModule):
                 rows = [b * G + g for b in order[start : start + mb].tolist() for g in range(G)]
                 idx = torch.tensor(rows, device=self.device)
                 m, advantages = roll.mask[idx], roll.advantages[idx]
-                new, entropy = self.response_logprobs(self.actor, self.packed(roll.sequences, roll.prompt_lens, rows), len(rows), width, entropy=True)
+                new, entropy = self.response_logprobs(self.training_actor, self.packed(roll.sequences, roll.prompt_lens, rows), len(rows), width, entropy=True)
                 old = new.detach() if roll.old_logprobs is None else roll.old_logprobs[idx]
                 ref = roll.ref_logprobs[idx] if roll.ref_logprobs is not None else None
                 loss, loss_stats = grpo_loss(new, old, ref, advantages, m, cfg.clip_ratio, kl_in_loss, cfg.loss_norm, cfg.clip_ratio_high)
@@ -405,9 +418,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
         shared_reference=lora_settings(cfg) is not None,
+        compile=bool(cfg.model.get("compile", False)),
     )
     module.actor.load_state_dict(actor.state_dict())
     peft_callbacks = apply_peft(cfg, module, "actor")  # peft=lora / qlora: adapters on the actor; the reference is the actor with them off
+    memory_levers(cfg, module.actor)  # the trained model; the reference and the reward model record no gradients
     if not peft_callbacks:
         module.reference.load_state_dict(actor.state_dict())
     if use_rm:

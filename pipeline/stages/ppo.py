@@ -46,7 +46,7 @@ from pipeline.rl import Iterations  # noqa: F401  (re-exported: the PPO tests an
 from pipeline.rl import OnlineRLModule, check_prompt_count, frozen_reference, fit_online, load_prompts, load_reward_model, planned_world_size, reward_normaliser, rm_scores, uses_gold
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import TrainedOnly, finish, lora_settings
+from pipeline.training import TrainedOnly, finish, lora_settings, memory_levers
 
 log = logging.getLogger(__name__)
 
@@ -437,12 +437,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         module.critic.load_state_dict(reward_model.state_dict())
         module.reward_model.load_state_dict(reward_model.state_dict())
     else:
-        share = str(cfg.ppo.get("share_base", "auto")).lower()
+        share = str(cfg.ppo.get("share_base", "auto")).lower()  # true / false arrive as booleans
         if share not in SHARE_BASE:
-            raise UserError(f"ppo.share_base={cfg.ppo.share_base!r} must be one of {list(SHARE_BASE)}")
+            raise UserError(f"ppo.share_base={cfg.ppo.share_base}: must be auto, true or false")
         shared_base = lora_models(module, settings, reward_model, reward_payload, reward_path, actor_path, share)
     if cfg.ppo.get("critic_head", "zero") == "zero":
         reset_value_head(module.critic)
+    memory_levers(cfg, module.actor, getattr(module.critic, "backbone", module.critic))  # the trained models: a LoRA critic's backbone is the actor or the RM copy
     if settings is not None:
         module.strict_loading = False  # the checkpoints hold what trains (TrainedOnly): adapters and the critic's head
         peft_callbacks = [TrainedOnly(module, "")]

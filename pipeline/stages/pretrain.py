@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.data.corpus import load_corpus
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.tokenizer import cached_tokenizer, load_tokenizer
-from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, build_trainer, finish, load_best, model_config_from, resume_checkpoint
+from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, build_trainer, finish, load_best, memory_levers, model_config_from, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         max_steps=cfg.trainer.max_steps,
         compile=bool(cfg.model.get("compile", False)),
     )
+    memory_levers(cfg, module.model)
     module.tokenizer = tokenizer
     module.max_new_tokens = cfg.samples.max_new_tokens
     module.sample_prompts = [

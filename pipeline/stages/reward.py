@@ -35,17 +35,23 @@ from pipeline.losses.pairwise import pairwise_loss
 from pipeline.model import GPT, GPTConfig, ScalarGPT, last_token_index, left_pad
 from pipeline.stages import STAGES
 from pipeline.tasks import default_task
-from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, finish, load_best, resume_checkpoint, schedule_steps
+from pipeline.training import Batches, ExactResume, Throughput, adamw_with_schedule, apply_peft, build_trainer, finish, load_best, memory_levers, resume_checkpoint, schedule_steps
 
 log = logging.getLogger(__name__)
 
 
 class RewardModule(pl.LightningModule):
-    def __init__(self, model_config: dict, optim: dict, max_steps: int, center_coef: float = 0.0, use_margin: bool = True, model_kind: str = "scalar"):
+    def __init__(self, model_config: dict, optim: dict, max_steps: int, center_coef: float = 0.0, use_margin: bool = True, model_kind: str = "scalar", compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.model = ScalarGPT(GPTConfig.from_dict(model_config))
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "accuracy_gold")})
+
+    def configure_model(self) -> None:
+        # In-place compile keeps parameter names, so checkpoints load with or without it. The RM never samples (no KV cache).
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
 
     def scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward of chosen (B,) and rejected (B,) at each sequence's last real token."""
@@ -166,9 +172,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         max_steps=cfg.trainer.max_steps,
         center_coef=cfg.reward.center_coef,
         use_margin=cfg.reward.use_margin,
+        compile=bool(cfg.model.get("compile", False)),
     )
     module.model.load_state_dict(base.state_dict())
     peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the SFT base, the score head trained in full
+    memory_levers(cfg, module.model)
     seq_len = max(len(s) for s in pairs["train"]["chosen_ids"][:256])
     throughput = Throughput(module.model.flops_per_token(seq_len))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])

@@ -26,7 +26,7 @@ from pipeline.data.packing import pack_rows
 from pipeline.evaluate import gold_eval, gold_prompts
 from pipeline.files import read_json, write_json
 from pipeline.stages import STAGES
-from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, apply_peft, build_trainer, finish, is_global_zero, load_best, log_table, resume_checkpoint
+from pipeline.training import Batches, ExactResume, LanguageModelModule, Throughput, apply_peft, build_trainer, finish, is_global_zero, load_best, log_table, memory_levers, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     module.model.load_state_dict(model.state_dict())
     peft_callbacks = apply_peft(cfg, module)  # peft=lora / qlora: adapters on the loaded model, the rest frozen
+    memory_levers(cfg, module.model)
     prompts = gold_prompts(cfg)
     metrics: dict = {"stage": "sft", "data": source, "init_from": str(start_path), "parents": parents, "peft": cfg.peft.method}
     if prompts and is_global_zero() and not resume_checkpoint(cfg, run_dir):
