@@ -74,7 +74,7 @@ class PPOModule(OnlineRLModule):
     stage = "ppo"
     batch_key = "rollout_batch_size"
 
-    def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False):
+    def __init__(self, actor_config: dict, reward_config: dict, ppo: dict, optim: dict, reward_norm: dict, eos_id: int, pad_id: int, seed: int, shared_reference: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -94,6 +94,20 @@ class PPOModule(OnlineRLModule):
         self.reward_fn = None  # optional override of the RM (toy rewards in tests): (sequences, attention, response tokens, mask) -> (B,)
         self.ema = None
         self.ptx_blocks: torch.Tensor | None = None  # (N, L + 1) token blocks of pretraining text for PPO-ptx
+
+    def configure_model(self) -> None:
+        # model.compile: the update's forwards (with gradients) go through compiled wrappers sharing the models' parameters,
+        # as in GRPO; sampling and the no-grad forwards stay eager. A LoRA critic (an adapter switched on for each call)
+        # stays eager too: its adapter switch would be a guard that recompiles. Kept off the module tree.
+        if self.hparams.compile and getattr(self, "_compiled", None) is None:
+            critic = self.critic if isinstance(self.critic, ScalarGPT) else None
+            object.__setattr__(self, "_compiled", (torch.compile(self.actor), torch.compile(critic) if critic is not None else self.critic))
+
+    @property
+    def training_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(actor, critic) as the update's forwards call them: compiled wrappers under model.compile, else the models."""
+        compiled = getattr(self, "_compiled", None)
+        return (self.actor, self.critic) if compiled is None else compiled
 
     def ptx_loss(self, iteration: int, minibatch: int) -> torch.Tensor:
         """Next-token loss of the actor on a batch of pretraining blocks (InstructGPT's PPO-ptx).
@@ -199,8 +213,9 @@ class PPOModule(OnlineRLModule):
                 idx = order[start : start + mb].to(self.device)
                 seqs, att, m = roll.sequences[idx], roll.attention[idx], mask[idx]
                 response = seqs[:, roll.prompt_len :]
-                new_logprobs, logits = self.forward_policy(self.actor, seqs, att, roll.prompt_len, response)
-                new_values = self.critic(seqs, attention_mask=att)[:, roll.prompt_len - 1 : -1].float()
+                actor, critic = self.training_models
+                new_logprobs, logits = self.forward_policy(actor, seqs, att, roll.prompt_len, response)
+                new_values = critic(seqs, attention_mask=att)[:, roll.prompt_len - 1 : -1].float()
                 pg, clipfrac, approxkl = policy_loss(new_logprobs, roll.logprobs[idx], advantages[idx], m, cfg.clip_ratio)
                 vf, vf_clipfrac = value_loss(new_values, roll.values[idx], returns[idx], m, cfg.value_clip)
                 # The entropy of the distribution that samples (under the temperature); outside the graph when it carries no loss.
@@ -429,6 +444,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
         shared_reference=lora_settings(cfg) is not None,
+        compile=bool(cfg.model.get("compile", False)),
     )
     module.actor.load_state_dict(actor.state_dict())
     settings, shared_base, peft_callbacks = lora_settings(cfg), False, []
