@@ -199,7 +199,8 @@ class MemoryFigures(Callback):
         return {
             **self.peak,
             "param_bytes_by_module": self.by_module,
-            "peak_rss_bytes": peak_rss_bytes(),
+            # The kernel's high-water mark (ru_maxrss) is updated lazily and can trail a /proc sample by a page or so.
+            "peak_rss_bytes": max(peak_rss_bytes(), self.peak.get("rss_at_backward_bytes", 0)),
             "cuda_max_allocated_bytes": cuda_peak_bytes(),
             "steps": self._steps,
             "warmup_steps": min(self.warmup, self._steps),
