@@ -142,9 +142,9 @@ class MemoryFigures(Callback):
 
     A step is the batches from one optimiser step to the next (several with gradient accumulation; a
     whole rollout-and-update iteration under manual optimisation, as in PPO and GRPO). The figures are
-    taken at the end of every batch that stepped: gradients are still set then (they stay until the
-    next zero_grad, automatic and manual optimisation alike) and the optimiser state exists; the
-    largest of each is kept. The first `warmup` steps (allocation, first-call costs) are not timed.
+    taken at the end of the first steps (and at the end of the fit): gradients are still set then (they
+    stay until the next zero_grad, automatic and manual optimisation alike) and the optimiser state
+    exists; the largest of each is kept, and later steps hold the same sizes. The first `warmup` steps (allocation, first-call costs) are not timed.
     """
 
     def __init__(self, path: Path, warmup: int = 1):
@@ -188,7 +188,8 @@ class MemoryFigures(Callback):
         self._steps += 1
         if self._steps > self.warmup:
             self.step_seconds.append(seconds)
-        self.sample(pl_module, trainer.optimizers)
+        if self._steps <= self.warmup + 1:  # the sizes are those of every later step: no walk over every tensor in each one
+            self.sample(pl_module, trainer.optimizers)
 
     def sample(self, module: torch.nn.Module, optimizers) -> None:
         for key, value in figures(module, optimizers).items():

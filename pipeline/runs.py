@@ -194,12 +194,13 @@ def model_file(path: Path) -> Path:
     return path
 
 
-def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> None:
+def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> dict | None:
     """Write a finished model (config + weights, float32 for portability) atomically.
 
     A LoRA model (peft=lora / qlora) is written as its adapter: the adapter tensors (and a reward
     model's score head), its settings, `base` (the model file it was trained on) and the digest of
-    that base, which load_model_payload checks before it merges the two.
+    that base, which load_model_payload checks before it merges the two. Returns that LoRA record
+    (settings, base, base_sha256), None for a plain model.
     """
     lora = None
     if getattr(model, "lora_settings", None) is not None:
@@ -218,6 +219,7 @@ def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
+    return lora
 
 
 def merged_lora_payload(payload: dict, path: Path) -> dict:

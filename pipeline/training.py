@@ -510,13 +510,11 @@ def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trai
     metrics.json marks the run as finished, so it is written after everything it vouches for.
     """
     save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
-    runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra, base=base)  # base: a LoRA model's
+    lora = runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra, base=base)  # base: a LoRA model's
     logger = trainer.logger
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-    metadata = metrics
-    if getattr(model, "lora_settings", None) is not None:  # the artifact is an adapter: name its base (path, weights digest) and settings, as model.pt does
-        metadata = {**metrics, "lora": runs.load_file(run_dir / runs.MODEL_FILE, "model file")["lora"]}
+    metadata = metrics if lora is None else {**metrics, "lora": lora}  # an adapter: its base (path, weights digest) and settings, as in model.pt
     log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metadata)
     write_json(run_dir / runs.METRICS_FILE, metrics)
     if logger is not None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from helpers import REPO, tiny_model
 from pipeline import runs
 from pipeline.errors import UserError
+from pipeline.memory import parameter_bytes
 from pipeline.model import GPT, ScalarGPT
 from pipeline.model.lora import AdapterHead, LoraSettings, adapter_parameters, apply_lora, merge_lora
 from pipeline.stages.ppo import Iterations, PPOModule, lora_models, reset_value_head
@@ -33,11 +34,7 @@ RM_SETTINGS = LoraSettings(r=2, alpha=4, target_modules=("q_proj", "kv_proj", "u
 
 def storage_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind the module's parameters: a tensor shared by several models counts once."""
-    seen = {}
-    for p in module.parameters():
-        s = p.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
+    return parameter_bytes(module)
 
 
 def reward_lora_model(base: GPT, seed: int) -> ScalarGPT:
