@@ -342,6 +342,16 @@ RULES: dict[str, tuple[Any, str]] = {
     "batch_size": (COUNT, "prompts answered together"),
     # export
     "export.dtype": (OneOf(("float32", "bfloat16", "float16")), ""),
+    # serve
+    "serve.host": (Satisfies(lambda v: isinstance(v, str) and bool(v.strip()), "a host name or address"), "the address to listen on"),
+    "serve.port": (Number(low=0, high=65535, integer=True), "0: any free port"),
+    "serve.models": (Satisfies(lambda v: isinstance(v, (list, ListConfig)) and all(isinstance(m, str) and m.strip() for m in v), "a list of run directories or model files"), ""),
+    "serve.api_key": (Satisfies(lambda v: v is None or (isinstance(v, (str, int)) and bool(str(v).strip())), "null or a non-empty key"), ""),
+    "serve.max_batch_size": (COUNT, "sequences decoded together; 1 turns batching off"),
+    "serve.batch_window_ms": (NON_NEGATIVE, ""),
+    "serve.temperature": (Number(low=0, high=2), "the OpenAI range; 0 is greedy"),
+    "serve.max_tokens": (COUNT, ""),
+    "serve.shutdown_timeout_s": (NON_NEGATIVE, ""),
     # recipe=compare
     "compare.seeds": (COUNT, "runs of each method"),
     "compare.completions": (Number(low=1, integer=True, special=(None,)), "generated completions per online run; null: each method's own iterations"),

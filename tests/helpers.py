@@ -79,3 +79,71 @@ def finished_run(root: Path, stage: str, name: str, model: GPT, tokenizer) -> Pa
     runs.save_model(run_dir / runs.MODEL_FILE, model, kind="lm", stage=stage)
     write_json(run_dir / runs.METRICS_FILE, {"stage": stage})
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# A live server (tests/serving/, tests/tools/test_servebench.py)
+
+
+class LiveServer:
+    """`python -m pipeline stage=serve` as a real process on a free loopback port; `url` once /health answers.
+
+    Use as a context manager: leaving it sends SIGTERM and waits (kill after `timeout`); `returncode`
+    is then the server's exit code.
+    """
+
+    def __init__(self, root: Path, *overrides: str, run_dir: Path | None = None, timeout: float = 60, env: dict | None = None):
+        import json
+        import signal
+        import time
+        import urllib.request
+
+        self.run_dir = run_dir or root / "serve" / f"live-{os.getpid()}-{time.monotonic_ns()}"
+        self.timeout = timeout
+        self._signal, self._json = signal, json
+        command = [sys.executable, "-m", "pipeline", "stage=serve", "serve.port=0", f"paths.root={root}", f"hydra.run.dir={self.run_dir}", *overrides]
+        # Output to files, not pipes: a server that logs more than a pipe holds would block on its writes.
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.run_dir.parent / f"{self.run_dir.name}.stdout", "w+")
+        self._err = open(self.run_dir.parent / f"{self.run_dir.name}.stderr", "w+")
+        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline", **(env or {})}, stdout=self._out, stderr=self._err, text=True)
+        deadline = time.monotonic() + timeout
+        info = self.run_dir / "server.json"
+        while not info.is_file():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                out, err = self.stop()
+                raise AssertionError(f"the server did not start (exit {self.process.returncode})\nSTDOUT:\n{out[-2000:]}\nSTDERR:\n{err[-4000:]}")
+            time.sleep(0.05)
+        self.url = json.loads(info.read_text())["url"]
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError("the server never answered /health") from None
+                time.sleep(0.05)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def stop(self) -> tuple[str, str]:
+        """SIGTERM, then the process's stdout and stderr once it has exited (killed after `timeout`)."""
+        if self.process.poll() is None:
+            self.process.send_signal(self._signal.SIGTERM)
+        try:
+            self.process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._out.seek(0), self._err.seek(0)
+        self.stdout, self.stderr = self._out.read(), self._err.read()
+        return self.stdout, self.stderr
+
+    def __enter__(self) -> "LiveServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -66,16 +66,28 @@ class Generation:
         return self.mask.sum(dim=1)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf. logits (B, V)."""
-    if top_k is not None and 0 < top_k < logits.size(-1):
+def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf. logits (B, V).
+
+    top_k and top_p are one setting for every row (an int / a float, None for none) or one per row
+    (tensors (B,), the server's requests each with their own: 0 and 1.0 mean no filtering there).
+    """
+    V = logits.size(-1)
+    if isinstance(top_k, torch.Tensor):
+        k = torch.where((top_k > 0) & (top_k < V), top_k, V).to(logits.device)
+        if bool((k < V).any()):
+            kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif top_k is not None and 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
+    per_row = isinstance(top_p, torch.Tensor)
+    if (per_row and bool((top_p < 1.0).any())) or (not per_row and top_p is not None and 0.0 < top_p < 1.0):
+        p = top_p.to(logits.device, logits.dtype)[:, None] if per_row else top_p
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -169,3 +181,174 @@ def truncate_after_eos(tokens: torch.Tensor, mask: torch.Tensor, eos_id: int, pa
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
     keep = mask.bool() & ~after
     return torch.where(keep, tokens, pad_id), keep.long()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Continuous batching: the server's path (pipeline/serving/scheduler.py). Same model, same cache, same
+# sampling rules as `generate`, but sequences join and leave a running batch at token boundaries.
+
+
+@dataclass
+class Sampling:
+    """One sequence's sampling settings: temperature 0 is greedy; top_k 0 and top_p 1.0 filter nothing.
+
+    A sequence with its own generator (a request's seed) draws only from it, so its sample does not
+    depend on which other sequences share the batch; the others share the batch's generator.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+def sample_rows(logits: torch.Tensor, settings: Sequence[Sampling], generator: torch.Generator | None = None) -> torch.Tensor:
+    """One next token (B,) for every row of logits (B, V), each under its own Sampling."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = [i for i, s in enumerate(settings) if s.temperature > 0]
+    if not sampled_rows:
+        return greedy
+    index = torch.tensor(sampled_rows, device=logits.device)
+    chosen = [settings[i] for i in sampled_rows]
+    temperature = torch.tensor([s.temperature for s in chosen], device=logits.device)[:, None]
+    top_k = torch.tensor([s.top_k for s in chosen], device=logits.device)
+    top_p = torch.tensor([s.top_p for s in chosen], device=logits.device)
+    probs = filter_logits(logits.index_select(0, index) / temperature, top_k, top_p).softmax(dim=-1)
+    out = greedy.clone()
+    shared = [j for j, s in enumerate(chosen) if s.generator is None]
+    if shared:
+        rows = torch.tensor(shared, device=logits.device)
+        out[index[rows]] = torch.multinomial(probs.index_select(0, rows), 1, generator=generator).squeeze(-1)
+    for j, s in enumerate(chosen):  # rows with a seed of their own, one draw each from their own stream
+        if s.generator is not None:
+            out[sampled_rows[j]] = torch.multinomial(probs[j : j + 1], 1, generator=s.generator)[0, 0]
+    return out
+
+
+class DecodeBatch:
+    """Sequences decoded together, joining and leaving between tokens (continuous batching).
+
+    All rows share one KV cache whose time axis is the batch's: a row occupies the columns from its
+    prompt's first token to the newest one, padding (mask 0) before that. A joining prompt is
+    prefilled on its own (with the others joining at that step) and placed so that it ends on the
+    newest column; the mask gives each row the positions of its own tokens (positions_from_mask),
+    so a row computes what it would compute alone, up to float rounding of the wider batch. Rows
+    leave with `keep`; the columns no row uses any more are cut off when room is needed, so the axis
+    never grows past the longest live row (at most block_size when prompt + new tokens fit in it).
+
+    `logits` (B, V) holds every row's next-token logits: from its prefill after `join`, from the last
+    token after `step`. Row order is the order of `rows`, the caller's objects.
+    """
+
+    def __init__(self, model: GPT, capacity: int | None = None):
+        self.model = model
+        self.capacity = capacity or model.config.block_size
+        self.rows: list = []
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, width) 1 on real tokens
+        self.logits: torch.Tensor | None = None  # (B, V)
+
+    @property
+    def width(self) -> int:
+        return self.cache.pos if self.cache is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def join(self, prompts: Sequence[Sequence[int]], rows: Sequence, copies: Sequence[int] | None = None, scored: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
+        """Prefill prompts together and add them to the batch: prompt i as copies[i] rows (its n samples share one prefill).
+
+        rows are the caller's objects for the new rows (sum(copies) of them, prompt-major). Returns, for
+        each prompt with scored[i], the logits (T_i, V) at each of its positions (a prompt's own
+        log-probs: the completions endpoint's echo), else None. Nothing changes if the prefill fails.
+        """
+        copies = list(copies or [1] * len(prompts))
+        if len(rows) != sum(copies):
+            raise ValueError(f"join: {len(rows)} rows for {sum(copies)} sequences")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.capacity:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room within the context of {self.capacity}")
+        model = self.model
+        device = model.wte.weight.device
+        model.eval()
+        ids, mask = left_pad(prompts, 0, device)
+        B, T = ids.shape
+        small = model.new_kv_cache(B, T)
+        hidden = model.hidden_states(ids, attention_mask=mask, kv_cache=small)  # (B, T, C)
+        logits = model.lm_head(hidden[:, -1])  # (B, V)
+        scored_logits = [model.lm_head(hidden[i, T - len(p) :]) if scored and scored[i] else None for i, p in enumerate(prompts)]
+        repeat = torch.tensor(copies, device=device)
+        small_k = small.k.repeat_interleave(repeat, dim=1)
+        small_v = small.v.repeat_interleave(repeat, dim=1)
+        mask, logits = mask.repeat_interleave(repeat, dim=0), logits.repeat_interleave(repeat, dim=0)
+        if self.cache is None or not self.rows:
+            self.cache = model.new_kv_cache(len(rows), self.capacity)
+            self.cache.k[:, :, :, :T], self.cache.v[:, :, :, :T] = small_k, small_v
+            self.cache.pos = T
+            self.mask, self.logits, self.rows = mask, logits, list(rows)
+            return scored_logits
+        self.compact()
+        if T > self.width:  # the new prompt is longer than the batch's axis: shift the live rows right
+            self._make_room(T - self.width)
+        W = self.width
+        new_k = self.cache.k.new_zeros((*small_k.shape[:3], self.capacity, small_k.shape[-1]))
+        new_v = torch.zeros_like(new_k)
+        new_k[:, :, :, W - T : W], new_v[:, :, :, W - T : W] = small_k, small_v
+        new_mask = mask.new_zeros(len(rows), W)
+        new_mask[:, W - T :] = mask
+        self.cache.k = torch.cat([self.cache.k, new_k], dim=1)
+        self.cache.v = torch.cat([self.cache.v, new_v], dim=1)
+        self.mask = torch.cat([self.mask, new_mask], dim=0)
+        self.logits = torch.cat([self.logits, logits], dim=0)
+        self.rows.extend(rows)
+        return scored_logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> None:
+        """Feed each row its next token (B,); `logits` becomes the logits after it."""
+        if self.width + 1 > self.capacity:
+            self.compact()
+        if self.width + 1 > self.capacity:
+            raise ValueError(f"a sequence outgrew the context of {self.capacity} tokens")
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.logits = self.model(tokens[:, None].to(self.mask.device), attention_mask=self.mask, kv_cache=self.cache)[:, -1]
+
+    def keep(self, kept: Sequence[bool]) -> None:
+        """Drop the rows whose entry is False (finished, cancelled or failed)."""
+        if all(kept):
+            return
+        index = torch.tensor([i for i, k in enumerate(kept) if k], dtype=torch.long, device=self.mask.device)
+        self.rows = [r for r, k in zip(self.rows, kept) if k]
+        if not self.rows:
+            self.cache = self.mask = self.logits = None
+            return
+        self.cache.k, self.cache.v = self.cache.k.index_select(1, index), self.cache.v.index_select(1, index)
+        self.mask, self.logits = self.mask.index_select(0, index), self.logits.index_select(0, index)
+        self.compact()
+
+    def compact(self) -> None:
+        """Cut off the leading columns that no live row uses."""
+        used = self.mask.bool().any(dim=0)
+        first = int(used.nonzero()[0, 0]) if bool(used.any()) else self.width
+        if first == 0:
+            return
+        W = self.width
+        for name in ("k", "v"):
+            t = getattr(self.cache, name)
+            t[:, :, :, : W - first] = t[:, :, :, first:W].clone()
+        self.cache.pos = W - first
+        self.mask = self.mask[:, first:]
+
+    def _make_room(self, columns: int) -> None:
+        """Move every live row `columns` to the right (padding in front), so a longer prompt ends on the newest column."""
+        W = self.width
+        if W + columns > self.capacity:
+            raise ValueError(f"no room for a prompt of {W + columns} columns within the context of {self.capacity}")
+        for name in ("k", "v"):
+            t = getattr(self.cache, name)
+            t[:, :, :, columns : columns + W] = t[:, :, :, :W].clone()
+            t[:, :, :, :columns] = 0
+        self.cache.pos = W + columns
+        self.mask = torch.cat([self.mask.new_zeros(len(self.rows), columns), self.mask], dim=1)

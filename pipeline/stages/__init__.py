@@ -91,6 +91,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage("export", starts_from=_POLICIES, trains=False),
         Stage("generate", starts_from=_POLICIES, trains=False),
+        Stage("serve", starts_from=_POLICIES, trains=False),
     )
 }
 
