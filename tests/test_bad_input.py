@@ -56,7 +56,7 @@ pytestmark = pytest.mark.timeout(120)  # a row that is not refused starts traini
 
 PARENTS = ("pretrain", "sft", "reward")
 # The finished runs a row's outputs root starts with: those of the stages before its own.
-PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "dpo": PARENTS, "grpo": PARENTS, "generate": PARENTS, "export": PARENTS}
+PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "dpo": PARENTS, "grpo": PARENTS, "generate": PARENTS, "export": PARENTS, "serve": PARENTS}
 BLOCK = 256  # the parents' context: room for the embedded task's prompts and ppo.max_new_tokens=40
 
 
@@ -419,6 +419,15 @@ VALUES = [
     ("generate", "top_k=-1", "top_k=-1: must be >= 0"),
     ("generate", "top_p=0", "top_p=0: must be in (0, 1]"),
     ("generate", "batch_size=0", "batch_size=0: must be >= 1"),
+    ("serve", "serve.host=' '", "serve.host=' ': must be a host name or address"),
+    ("serve", "serve.port=70000", "serve.port=70000: must be in [0, 65535] (0: any free port)"),
+    ("serve", "serve.models=[1]", "serve.models=[1]: must be a list of run directories or model files"),
+    ("serve", "serve.api_key=' '", "serve.api_key=' ': must be null or a non-empty key"),
+    ("serve", "serve.max_batch_size=0", "serve.max_batch_size=0: must be >= 1"),
+    ("serve", "serve.batch_window_ms=-1", "serve.batch_window_ms=-1: must be >= 0"),
+    ("serve", "serve.temperature=3", "serve.temperature=3: must be in [0, 2]"),
+    ("serve", "serve.max_tokens=0", "serve.max_tokens=0: must be >= 1"),
+    ("serve", "serve.shutdown_timeout_s=-1", "serve.shutdown_timeout_s=-1: must be >= 0"),
     ("all", 'recipe.overrides.sft=["optim.lr=0"]', "recipe.overrides.sft: optim.lr=0: must be > 0"),
     ("dpo", "dpo.beta=0", "dpo.beta=0: must be > 0"),
     ("dpo", "dpo.loss_type=hinge", "dpo.loss_type=hinge: must be sigmoid or ipo"),
@@ -572,6 +581,11 @@ PARENT_ROWS = [
         "generate",
         ("a reward model as the policy", ["init_from={in}/m/reward/default", "prompt=hi"], ["init_from={in}/m/reward/default/model.pt is a reward model (a scalar head), not a policy"], [run("m", model=scalar, stage="reward", kind="scalar")]),
         ("no policy at all", ["prompt=hi"], ["no finished ppo/grpo/dpo/sft/pretrain run under {root} for stage 'generate'"], [], ()),
+    ),
+    *rows(
+        "serve",
+        ("a reward model to serve", ["init_from={in}/m/reward/default", "serve.port=0"], ["{in}/m/reward/default/model.pt is a reward model (a scalar head), not a policy"], [run("m", model=scalar, stage="reward", kind="scalar")]),
+        ("nothing to serve", ["serve.port=0"], ["no finished ppo/grpo/dpo/sft/pretrain run under {root} for stage 'serve'"], [], ()),
     ),
     *rows(
         "export",

@@ -315,6 +315,7 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.logits = self.model(tokens[:, None].to(self.mask.device), attention_mask=self.mask, kv_cache=self.cache)[:, -1]
 
+    @torch.inference_mode()
     def keep(self, kept: Sequence[bool]) -> None:
         """Drop the rows whose entry is False (finished, cancelled or failed)."""
         if all(kept):
@@ -328,6 +329,7 @@ class DecodeBatch:
         self.mask, self.logits = self.mask.index_select(0, index), self.logits.index_select(0, index)
         self.compact()
 
+    @torch.inference_mode()
     def compact(self) -> None:
         """Cut off the leading columns that no live row uses."""
         used = self.mask.bool().any(dim=0)
