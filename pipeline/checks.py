@@ -342,6 +342,15 @@ RULES: dict[str, tuple[Any, str]] = {
     "batch_size": (COUNT, "prompts answered together"),
     # export
     "export.dtype": (OneOf(("float32", "bfloat16", "float16")), ""),
+    # quantize (pipeline/stages/quantize.py, pipeline/model/quant.py)
+    "quantize.method": (OneOf(("int8", "int4")), "int8: int8 weights and activations; int4: int4 weights only"),
+    "quantize.group_size": (OneOf((32, 64, 128)), "int4: inputs per scale and zero point, the sizes the CPU int4 kernel takes"),
+    "quantize.dtype": (OneOf(("auto", "float32", "bfloat16")), "the activations and the unquantised weights; auto: float32 for int8, bfloat16 for int4"),
+    "quantize.bench.batch_sizes": (Satisfies(lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_is_number(b, integer=True) and b >= 1 for b in v), "a non-empty list of integers >= 1"), "the batch sizes tokens/s is measured at"),
+    "quantize.bench.new_tokens": (COUNT, "generated per prompt in each timed call"),
+    "quantize.bench.warmup": (SIZE, "untimed calls per model and batch size"),
+    "quantize.bench.repeats": (COUNT, "timed calls per model and batch size"),
+    # (end of quantize)
     # serve
     "serve.host": (Satisfies(lambda v: isinstance(v, str) and bool(v.strip()), "a host name or address"), "the address to listen on"),
     "serve.port": (Number(low=0, high=65535, integer=True), "0: any free port"),
@@ -349,6 +358,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "serve.api_key": (Satisfies(lambda v: v is None or (isinstance(v, (str, int)) and bool(str(v).strip())), "null or a non-empty key"), ""),
     "serve.max_batch_size": (COUNT, "sequences decoded together; 1 turns batching off"),
     "serve.batch_window_ms": (NON_NEGATIVE, ""),
+    "serve.threads": (Number(low=1, integer=True, special=(None,)), "null: torch's default"),
     "serve.temperature": (Number(low=0, high=2), "the OpenAI range; 0 is greedy"),
     "serve.max_tokens": (COUNT, ""),
     "serve.shutdown_timeout_s": (NON_NEGATIVE, ""),

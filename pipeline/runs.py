@@ -28,6 +28,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import UnsafeFileError, atomic_write_bytes, load_tensors
+from pipeline.model import quant
 from pipeline.model.gpt import GPT, GPTConfig, ScalarGPT
 from pipeline.model.hf import grow_vocab, is_transformers_dir, load_transformers
 from pipeline.tokenizer import load_tokenizer
@@ -38,7 +39,10 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.pt"
 TOKENIZER_DIR = "tokenizer"
 # The layout of model.pt; a file written by a newer pipeline (a higher number) is refused, not misread.
-FORMAT_VERSION = 1
+# 2: a quantised model (payload["quant"], pipeline/model/quant.py). Plain files are still written as 1,
+# which every pipeline reads; a quantised one is refused by the pipelines that could only misread it.
+FORMAT_VERSION = 2
+PLAIN_FORMAT = 1
 
 
 def run_name(override_dirname: str) -> str:
@@ -201,7 +205,26 @@ def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None
     model's score head), its settings, `base` (the model file it was trained on) and the digest of
     that base, which load_model_payload checks before it merges the two. Returns that LoRA record
     (settings, base, base_sha256), None for a plain model.
+
+    A quantised model (stage=quantize) is written as plain tensors too: its integer weights and
+    scales under "quant_state", the rest in the dtype it computes in (not float32: the file holds
+    exactly what the model computes with), its settings under "quant"; see pipeline/model/quant.py.
     """
+    data, lora = encode_model(model, kind, stage, extra, base)
+    atomic_write_bytes(Path(path), data)
+    return lora
+
+
+def encode_model(model: GPT, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> tuple[bytes, dict | None]:
+    """The bytes save_model writes, and its LoRA record: a model file's size is len() of them."""
+    if quant.is_quantized(model):
+        payload = {
+            "format": FORMAT_VERSION, "config": model.config.to_dict(), "state_dict": quant.float_state(model), "kind": kind, "stage": stage,
+            "extra": extra or {}, "quant": quant.record(model), "quant_state": model.quant_state,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue(), None
     lora = None
     if getattr(model, "lora_settings", None) is not None:
         from pipeline.model.lora import adapter_state_dict, base_digest  # peft: imported only for LoRA runs
@@ -213,13 +236,12 @@ def save_model(path: Path, model: GPT, kind: str, stage: str, extra: dict | None
     else:
         state = model.state_dict()
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
-    payload = {"format": FORMAT_VERSION, "config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
+    payload = {"format": PLAIN_FORMAT, "config": model.config.to_dict(), "state_dict": state, "kind": kind, "stage": stage, "extra": extra or {}}
     if lora is not None:
         payload["lora"] = lora
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return lora
+    return buffer.getvalue(), lora
 
 
 def merged_lora_payload(payload: dict, path: Path) -> dict:
@@ -287,11 +309,33 @@ def load_file(path: Path, what: str = "file") -> object:
 
 
 def build_model(payload: dict, cls: type[GPT] = GPT, source: Path | str = "", **config_updates) -> GPT:
-    """Instantiate cls from a payload and load its weights; a head the file lacks (a new score head) stays initialised."""
+    """Instantiate cls from a payload and load its weights; a head the file lacks (a new score head) stays initialised.
+
+    A quantised payload gives the torchao-quantised model that the quantize stage measured (build_quantized).
+    """
     config = GPTConfig.from_dict({**payload["config"], **config_updates})
+    if "quant" in payload:
+        return build_quantized(payload, cls, config, source)
     model = cls(config)
     load_weights(model, payload["state_dict"], source, allow_missing=("score_head.",))
     return model
+
+
+def build_quantized(payload: dict, cls: type[GPT], config: GPTConfig, source: Path | str) -> GPT:
+    """The quantised GPT of a quantize run's file: a float model cast to the file's dtype, its float tensors loaded, its integer weights installed as torchao tensors."""
+    if cls is not GPT:
+        raise UserError(f"{source} is a quantised language model: it cannot be loaded as a {cls.__name__} (a reward or value model)")
+    try:
+        settings = quant.QuantSettings.from_dict(payload["quant"]["settings"])
+        state = payload["quant_state"]
+        quant.require_torchao(source)
+        with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's random stream
+            model = cls(config)
+        quant.cast_weights(model, settings.torch_dtype)
+        load_weights(model, payload["state_dict"], source, allow_missing=tuple(f"{name}.weight" for name in state))
+        return quant.install(model, state, settings).eval()
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source} is a quantised model file that cannot be read: {type(e).__name__}: {e}") from None
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_missing: tuple[str, ...] = ()) -> None:
@@ -323,6 +367,8 @@ def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage:
     """
     path = resolve_start(init_from, sources, root, stage, run_name=run_name)
     payload = load_model_payload(path)
+    if "quant" in payload:
+        refuse_quantized_training(payload, path, stage)
     tokenizer = load_start_tokenizer(path)
     vocab_size = payload["config"]["vocab_size"]
     if len(tokenizer) > vocab_size and path.is_dir():
@@ -332,6 +378,20 @@ def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage:
         raise UserError(f"the tokenizer beside {path} has {len(tokenizer)} tokens, more than the model's vocab_size={vocab_size}")
     model = build_model(payload, cls, path, **config_updates)
     return model, tokenizer, payload, path
+
+
+def refuse_quantized_training(payload: dict, path: Path, stage: str) -> None:
+    """A quantised model is for reading (generate, export, serve): a stage that trains needs the float weights it was made from.
+
+    Which stages train is the registry's (pipeline/stages/__init__.py) to say; it imports nothing of the pipeline.
+    """
+    from pipeline.stages import STAGES
+
+    if stage in STAGES and STAGES[stage].trains:
+        method = payload["quant"].get("settings", {}).get("method", "?")
+        source = payload.get("extra", {}).get("source")
+        start = f"start from {source}, the float model it was quantised from" if source else "start from the float model it was quantised from"
+        raise UserError(f"init_from={path} is a quantised model ({method}, stage=quantize): stage '{stage}' trains, which needs float weights; {start}")
 
 
 def tokenizer_dir_of(path: Path) -> Path:

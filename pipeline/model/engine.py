@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from pipeline.model.gpt import GPT
+from pipeline.model.gpt import GPT, KVCache
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,19 +233,28 @@ class DecodeBatch:
     prompt's first token to the newest one, padding (mask 0) before that. A joining prompt is
     prefilled on its own (with the others joining at that step) and placed so that it ends on the
     newest column; the mask gives each row the positions of its own tokens (positions_from_mask),
-    so a row computes what it would compute alone, up to float rounding of the wider batch. Rows
-    leave with `keep`; the columns no row uses any more are cut off when room is needed, so the axis
-    never grows past the longest live row (at most block_size when prompt + new tokens fit in it).
+    so a row computes what it would compute alone, up to float rounding of the wider batch.
+
+    The cache is a store of row slots, and only its first len(rows) slots are live: a joining row
+    takes the next free slot, a leaving row's slot goes to the last live row (which moves; nothing
+    else is copied), and the time axis holds only the columns in use, growing GROW columns at a
+    time and cut back to the longest live row when it fills (at most block_size columns when every
+    row's prompt + new tokens fit in it). Copying the whole cache on every join and leave would
+    cost more than decoding when answers are short.
 
     `logits` (B, V) holds every row's next-token logits: from its prefill after `join`, from the last
-    token after `step`. Row order is the order of `rows`, the caller's objects.
+    token after `step`. Row order is the order of `rows`, the caller's objects; `keep` says how it changed.
     """
+
+    GROW = 32  # columns (and at least 8 slots) the store gains when it fills: reallocations stay rare
 
     def __init__(self, model: GPT, capacity: int | None = None):
         self.model = model
-        self.capacity = capacity or model.config.block_size
+        self.capacity = capacity or model.config.block_size  # the most columns the time axis may ever hold
         self.rows: list = []
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # views of the live slots of the store below
+        self._k: torch.Tensor | None = None  # (L, slots, nkv, columns, hs)
+        self._v: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # (B, width) 1 on real tokens
         self.logits: torch.Tensor | None = None  # (B, V)
 
@@ -256,13 +265,34 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _view(self) -> None:
+        """Point the cache at the live slots (views: what the model writes lands in the store)."""
+        self.cache.k, self.cache.v = self._k[:, : len(self.rows)], self._v[:, : len(self.rows)]
+
+    def _store(self, slots: int, columns: int) -> None:
+        """(Re)allocate the store with at least `slots` slots and `columns` columns, keeping the live rows' cache."""
+        old_k, old_v = self._k, self._v
+        have_slots, have_columns = (old_k.size(1), old_k.size(3)) if old_k is not None else (0, 0)
+        if slots <= have_slots and columns <= have_columns:
+            return
+        slots = max(slots, have_slots, 8) if slots <= have_slots else max(2 * have_slots, slots, 8)
+        columns = max(columns, have_columns) if columns <= have_columns else min(self.capacity, self.GROW * -(-(columns + self.GROW // 2) // self.GROW))
+        c = self.model.config
+        like = self.model.new_kv_cache(1, 1).k
+        shape = (c.n_layer, slots, c.n_kv_head, columns, c.head_size)
+        self._k, self._v = like.new_zeros(shape), like.new_zeros(shape)
+        if old_k is not None and self.rows:
+            B, W = len(self.rows), self.width
+            self._k[:, :B, :, :W], self._v[:, :B, :, :W] = old_k[:, :B, :, :W], old_v[:, :B, :, :W]
+
     @torch.inference_mode()
     def join(self, prompts: Sequence[Sequence[int]], rows: Sequence, copies: Sequence[int] | None = None, scored: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
         """Prefill prompts together and add them to the batch: prompt i as copies[i] rows (its n samples share one prefill).
 
-        rows are the caller's objects for the new rows (sum(copies) of them, prompt-major). Returns, for
-        each prompt with scored[i], the logits (T_i, V) at each of its positions (a prompt's own
-        log-probs: the completions endpoint's echo), else None. Nothing changes if the prefill fails.
+        rows are the caller's objects for the new rows (sum(copies) of them, prompt-major), added at
+        the end. Returns, for each prompt with scored[i], the logits (T_i, V) at each of its positions
+        (a prompt's own log-probs: the completions endpoint's echo), else None. Nothing changes if the
+        prefill fails. The model must be in eval mode.
         """
         copies = list(copies or [1] * len(prompts))
         if len(rows) != sum(copies):
@@ -272,62 +302,84 @@ class DecodeBatch:
             raise ValueError(f"a prompt of {longest} tokens leaves no room within the context of {self.capacity}")
         model = self.model
         device = model.wte.weight.device
-        model.eval()
         ids, mask = left_pad(prompts, 0, device)
-        B, T = ids.shape
-        small = model.new_kv_cache(B, T)
-        hidden = model.hidden_states(ids, attention_mask=mask, kv_cache=small)  # (B, T, C)
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
+        n, T = ids.shape
+        small = model.new_kv_cache(n, T)
+        hidden = model.hidden_states(ids, attention_mask=mask, kv_cache=small)  # (n, T, C)
+        logits = model.lm_head(hidden[:, -1])  # (n, V)
         scored_logits = [model.lm_head(hidden[i, T - len(p) :]) if scored and scored[i] else None for i, p in enumerate(prompts)]
-        repeat = torch.tensor(copies, device=device)
-        small_k = small.k.repeat_interleave(repeat, dim=1)
-        small_v = small.v.repeat_interleave(repeat, dim=1)
-        mask, logits = mask.repeat_interleave(repeat, dim=0), logits.repeat_interleave(repeat, dim=0)
-        if self.cache is None or not self.rows:
-            self.cache = model.new_kv_cache(len(rows), self.capacity)
-            self.cache.k[:, :, :, :T], self.cache.v[:, :, :, :T] = small_k, small_v
+        if any(c != 1 for c in copies):
+            repeat = torch.tensor(copies, device=device)
+            small.k, small.v = small.k.repeat_interleave(repeat, dim=1), small.v.repeat_interleave(repeat, dim=1)
+            mask, logits = mask.repeat_interleave(repeat, dim=0), logits.repeat_interleave(repeat, dim=0)
+        if not self.rows:  # an empty batch starts over: its axis is this prompt's
+            self.cache = KVCache.__new__(KVCache)
+            self.cache.pos = 0
+            self._store(len(rows), T + 1)
+            self._k[:, : len(rows), :, :T], self._v[:, : len(rows), :, :T] = small.k, small.v
             self.cache.pos = T
-            self.mask, self.logits, self.rows = mask, logits, list(rows)
+            self.rows, self.mask, self.logits = list(rows), mask, logits
+            self._view()
             return scored_logits
         self.compact()
         if T > self.width:  # the new prompt is longer than the batch's axis: shift the live rows right
             self._make_room(T - self.width)
-        W = self.width
-        new_k = self.cache.k.new_zeros((*small_k.shape[:3], self.capacity, small_k.shape[-1]))
-        new_v = torch.zeros_like(new_k)
-        new_k[:, :, :, W - T : W], new_v[:, :, :, W - T : W] = small_k, small_v
-        new_mask = mask.new_zeros(len(rows), W)
+        B, W, added = len(self.rows), self.width, len(rows)
+        self._store(B + added, W + 1)
+        for store, new in ((self._k, small.k), (self._v, small.v)):
+            store[:, B : B + added, :, : W - T] = 0
+            store[:, B : B + added, :, W - T : W] = new
+        new_mask = mask.new_zeros(added, W)
         new_mask[:, W - T :] = mask
-        self.cache.k = torch.cat([self.cache.k, new_k], dim=1)
-        self.cache.v = torch.cat([self.cache.v, new_v], dim=1)
         self.mask = torch.cat([self.mask, new_mask], dim=0)
         self.logits = torch.cat([self.logits, logits], dim=0)
         self.rows.extend(rows)
+        self._view()
         return scored_logits
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> None:
-        """Feed each row its next token (B,); `logits` becomes the logits after it."""
-        if self.width + 1 > self.capacity:
+        """Feed each row its next token (B,), in the order of `rows`; `logits` becomes the logits after it."""
+        if self.width + 1 > self._k.size(3):
             self.compact()
         if self.width + 1 > self.capacity:
             raise ValueError(f"a sequence outgrew the context of {self.capacity} tokens")
+        self._store(len(self.rows), self.width + 1)
+        self._view()
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.logits = self.model(tokens[:, None].to(self.mask.device), attention_mask=self.mask, kv_cache=self.cache)[:, -1]
 
     @torch.inference_mode()
-    def keep(self, kept: Sequence[bool]) -> None:
-        """Drop the rows whose entry is False (finished, cancelled or failed)."""
-        if all(kept):
-            return
-        index = torch.tensor([i for i, k in enumerate(kept) if k], dtype=torch.long, device=self.mask.device)
-        self.rows = [r for r, k in zip(self.rows, kept) if k]
-        if not self.rows:
-            self.cache = self.mask = self.logits = None
-            return
-        self.cache.k, self.cache.v = self.cache.k.index_select(1, index), self.cache.v.index_select(1, index)
+    def keep(self, kept: Sequence[bool]) -> torch.Tensor:
+        """Drop the rows whose entry is False (finished, cancelled or failed).
+
+        Returns the old index of each row now in the batch, in its new order (the last live rows move
+        into the freed slots): index the old rows' next tokens with it before `step`.
+        """
+        B = len(self.rows)
+        live = [i for i, k in enumerate(kept) if k]
+        if len(live) == B:
+            return torch.arange(B)
+        if not live:
+            self.rows, self.cache, self.mask, self.logits = [], None, None, None
+            return torch.zeros(0, dtype=torch.long)
+        n = len(live)
+        holes = [i for i in range(n) if not kept[i]]  # freed slots among the first n
+        movers = [i for i in live if i >= n]  # live rows beyond them, one for each hole
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            h, m = torch.tensor(holes, device=self._k.device), torch.tensor(movers, device=self._k.device)
+            W = self.width
+            for store in (self._k, self._v):
+                store[:, h, :, :W] = store[:, m, :, :W]
+        index = torch.tensor(order, device=self.mask.device)
+        self.rows = [self.rows[i] for i in order]
         self.mask, self.logits = self.mask.index_select(0, index), self.logits.index_select(0, index)
+        self._view()
         self.compact()
+        return index.cpu()
 
     @torch.inference_mode()
     def compact(self) -> None:
@@ -336,21 +388,21 @@ class DecodeBatch:
         first = int(used.nonzero()[0, 0]) if bool(used.any()) else self.width
         if first == 0:
             return
-        W = self.width
-        for name in ("k", "v"):
-            t = getattr(self.cache, name)
-            t[:, :, :, : W - first] = t[:, :, :, first:W].clone()
+        W, B = self.width, len(self.rows)
+        for store in (self._k, self._v):
+            store[:, :B, :, : W - first] = store[:, :B, :, first:W].clone()
         self.cache.pos = W - first
         self.mask = self.mask[:, first:]
 
     def _make_room(self, columns: int) -> None:
         """Move every live row `columns` to the right (padding in front), so a longer prompt ends on the newest column."""
-        W = self.width
+        W, B = self.width, len(self.rows)
         if W + columns > self.capacity:
             raise ValueError(f"no room for a prompt of {W + columns} columns within the context of {self.capacity}")
-        for name in ("k", "v"):
-            t = getattr(self.cache, name)
-            t[:, :, :, columns : columns + W] = t[:, :, :, :W].clone()
-            t[:, :, :, :columns] = 0
+        self._store(B, W + columns + 1)
+        for store in (self._k, self._v):
+            store[:, :B, :, columns : columns + W] = store[:, :B, :, :W].clone()
+            store[:, :B, :, :columns] = 0
         self.cache.pos = W + columns
-        self.mask = torch.cat([self.mask.new_zeros(len(self.rows), columns), self.mask], dim=1)
+        self.mask = torch.cat([self.mask.new_zeros(B, columns), self.mask], dim=1)
+        self._view()

@@ -116,12 +116,9 @@ def create_app(models: list[Served], *, api_key: str | None = None, defaults: De
         log.error("%s %s failed", request.method, request.url.path, exc_info=error)
         return error_response(request, APIError(500, f"internal error: {type(error).__name__}: {error}"))
 
-    @app.middleware("http")
-    async def _clock(request: Request, call_next):
-        request.state.started = time.perf_counter()
-        return await call_next(request)
+    app.add_middleware(Clock)
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: FastAPI runs a plain def dependency in a thread pool
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -254,6 +251,8 @@ def create_app(models: list[Served], *, api_key: str | None = None, defaults: De
         except asyncio.CancelledError:
             job.request.cancelled.set()
             raise
+        finally:
+            job.close()
         if job.error:
             raise APIError(500, job.error)
         return job.choices, job.usage()
@@ -263,8 +262,14 @@ def create_app(models: list[Served], *, api_key: str | None = None, defaults: De
             status = 200
             try:
                 try:
+                    pending = []
                     async for chunk in chunks():
-                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                        pending.append(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n")
+                        if job.request.queue.empty():  # one write for what is there: a lagging loop catches up in one go
+                            yield "".join(pending)
+                            pending.clear()
+                    if pending:
+                        yield "".join(pending)
                 except ClientGone:
                     return
                 if job.error:
@@ -273,6 +278,7 @@ def create_app(models: list[Served], *, api_key: str | None = None, defaults: De
                 yield "data: [DONE]\n\n"
             finally:  # also when the client went away mid-stream: its rows leave the batch at the next token
                 job.request.cancelled.set()
+                job.close()
                 metrics.answered(endpoint(request), status if job.finished else 499, time.perf_counter() - request.state.started)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -349,6 +355,19 @@ def completion_logprobs(rows: list[dict], offset: int, tokenizer=None) -> dict:
     }
 
 
+class Clock:
+    """Stamps each request's arrival (request.state.started) for the latency figures: a plain ASGI middleware,
+    as Starlette's BaseHTTPMiddleware costs a task and a stream per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["started"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 class ClientGone(Exception):
     """The client of a request disconnected."""
 
@@ -384,7 +403,7 @@ class Job:
         self.error: str | None = None
         self._first = False
         self._pending: list[tuple] = []
-        self._checked = time.perf_counter()
+        self._watcher: asyncio.Task | None = None
 
     @property
     def finished(self) -> bool:
@@ -418,20 +437,29 @@ class Job:
     async def next_event(self, client: Request) -> tuple:
         """The request's next event; raises ClientGone (and cancels the request) once its client has disconnected.
 
-        The client is looked at every POLL_S, also while events keep coming: uvicorn drops the bytes
-        written to a closed connection without an error, so a stream would otherwise run to its end.
+        A watcher task looks at the client every POLL_S, also while events keep coming: uvicorn drops
+        the bytes written to a closed connection without an error, so a stream would otherwise run to
+        its end. It puts a ("gone",) event in the queue, so waiting for an event needs no timeout.
         """
-        while True:
-            now = time.perf_counter()
-            if now - self._checked >= POLL_S:
-                self._checked = now
-                if await client.is_disconnected():
-                    self.request.cancelled.set()
-                    raise ClientGone()
-            try:
-                return await asyncio.wait_for(self.request.queue.get(), POLL_S)
-            except asyncio.TimeoutError:
-                continue
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(client))
+        event = await self.request.queue.get()
+        if event[0] == "gone":
+            raise ClientGone()
+        return event
+
+    async def _watch(self, client: Request) -> None:
+        while not self.finished:
+            await asyncio.sleep(POLL_S)
+            if not self.finished and await client.is_disconnected():
+                self.request.cancelled.set()
+                self.request.queue.put_nowait(("gone",))
+                return
+
+    def close(self) -> None:
+        """Stop watching the client (the answer is complete or abandoned)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     async def prompt_rows(self, client: Request, metrics: Metrics, endpoint: str):
         while self.prompt is None and not self.finished:

@@ -65,6 +65,24 @@ def _put_all(queue: asyncio.Queue, events: list[tuple]) -> None:
         queue.put_nowait(event)
 
 
+def _put_many(deliveries: list[tuple[asyncio.Queue, list[tuple]]]) -> None:
+    for queue, events in deliveries:
+        _put_all(queue, events)
+
+
+def deliver(batches: list[tuple["Request", list[tuple]]]) -> None:
+    """Hand several requests their events with one wake-up of each event loop (not one per request per token)."""
+    by_loop: dict[int, tuple] = {}
+    for request, events in batches:
+        if events and not request.cancelled.is_set():
+            by_loop.setdefault(id(request.loop), (request.loop, []))[1].append((request.queue, events))
+    for loop, deliveries in by_loop.values():
+        try:
+            loop.call_soon_threadsafe(_put_many, deliveries)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            pass
+
+
 @dataclass
 class Row:
     """One choice of one request in the batch: its tokens so far and how much of their text has gone out."""
@@ -97,7 +115,7 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, *, name: str, max_batch: int = 64, window_s: float = 0.005, seed: int = 0, metrics=None):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.max_batch, self.window_s = max(1, int(max_batch)), float(window_s)
         self.metrics = metrics
         self.eos_id = tokenizer.eos_token_id
@@ -108,6 +126,12 @@ class Scheduler:
         self.stopping = False
         self.batch = DecodeBatch(model)
         self._token_text: dict[int, str] = {}
+        self._step_s = 0.0  # how long the last decode step took
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)  # the same text, without transformers' wrapper
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.thread = threading.Thread(target=self._loop, name=f"scheduler[{name}]", daemon=True)
         self.fault = None  # tests: a callable(row) that raises, to fail one generation from inside the loop
 
@@ -166,6 +190,10 @@ class Scheduler:
         """Move waiting requests into the batch, as many as fit; their prompts are prefilled together."""
         joining: list[Request] = []
         with self.condition:
+            if len(self.batch) and len(self.waiting) == 1 and time.perf_counter() - self.waiting[0].submitted < self._step_s:
+                # A lone newcomer waits one decode step for company: a prefill of two prompts costs about one of
+                # one on a small model, so under load this halves the prefills for a token's worth of latency.
+                return
             room = self.max_batch - len(self.batch)
             while self.waiting:
                 request = self.waiting[0]
@@ -225,14 +253,14 @@ class Scheduler:
                 log.exception("a generation failed in %s", self.name)
                 self._fail_rows([row], f"generation failed: {type(e).__name__}: {e}")
                 kept.append(False)
-        for row in batch.rows:
-            if id(row.request) in events:
-                row.request.emit(events.pop(id(row.request)))
+        deliver([(row.request, events.pop(id(row.request))) for row in batch.rows if id(row.request) in events])
         if self.metrics is not None:
             self.metrics.generated_tokens(self.name, len(token_list))
-        batch.keep(kept)
+        order = batch.keep(kept)
         if len(batch):
-            batch.step(tokens[torch.tensor(kept, device=tokens.device)])
+            started = time.perf_counter()
+            batch.step(tokens[order.to(tokens.device)])
+            self._step_s = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.running.labels(self.name).set(len(batch))
 
@@ -240,7 +268,7 @@ class Scheduler:
         """Add one sampled token to a row: its text delta (held back where a stop string may begin), its end."""
         request = row.request
         if token == self.eos_id:
-            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            text = self._decode(row.ids)
             if len(text) > row.sent:
                 out.append(("token", row.choice, text[row.sent :], None))
             row.done = True
@@ -248,7 +276,7 @@ class Scheduler:
             return
         row.ids.append(token)
         info = self._token_info(token, logprobs, request.logprobs) if logprobs is not None and request.logprobs is not None else None
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        text = self._decode(row.ids)
         cut = min((text.find(s) for s in request.stop if s in text), default=-1)
         if cut >= 0:
             if cut > row.sent:

@@ -32,7 +32,7 @@ class Stage:
     name: str
     starts_from: tuple[str, ...] = ()  # the stages whose model this one starts from, first found first
     inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # other parents: config key -> stages
-    trains: bool = True  # writes a model.pt (generate and export only read one)
+    trains: bool = True  # trains the model.pt it writes (generate, export and serve only read one; quantize converts one for them)
     policy: bool = False  # its model.pt is a language model that answers prompts
     chat: bool = False  # its policy answers through the chat template (instruction-tuned)
     # The report's line for the stage: {key} is a metrics.json figure, {a|b} the first of the keys it has,
@@ -88,6 +88,12 @@ STAGES: dict[str, Stage] = {
             curves=("loss/policy_avg", "objective/kl"),
             steps="train/iterations",
             speed="perf/gen_tokens_per_s",
+        ),
+        Stage(
+            "quantize",
+            starts_from=_POLICIES,
+            trains=False,  # its model.pt is for generate, export and serve to read, never for a stage to train on
+            headline="{method}: model.pt {file/ratio:2}x smaller; tokens/s x{perf/speedup_b1:2} at batch 1, x{perf/speedup_b16:2} at 16; gold {gold/float} -> {gold/quant}",
         ),
         Stage("export", starts_from=_POLICIES, trains=False),
         Stage("generate", starts_from=_POLICIES, trains=False),

@@ -10,6 +10,9 @@ A LoRA run (peft=lora / qlora) is exported merged as above, and also in peft's o
 same folder: `adapter/` (adapter_config.json + adapter_model.safetensors) and `base/` (its base model
 as a transformers folder), for `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out/"base"), out/"adapter")`
 (the mapping: pipeline/model/peft_format.py).
+
+A quantised run (stage=quantize) is exported with its weights dequantised to float (quant/dequantized
+in metrics.json): a plain transformers folder with the quantised values.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from pipeline import runs
 from pipeline.files import write_json
-from pipeline.model import GPT
+from pipeline.model import GPT, quant
 from pipeline.model.hf import export
 from pipeline.stages import STAGES
 
@@ -40,7 +44,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "%s is a scalar (reward/value) model: exporting its backbone as a causal LM, without the score head%s",
             path, " (the peft adapter in adapter/ is the backbone's alone too)" if lora else "",
         )
-    extra, lora_figures = None, {}
+    extra, lora_figures, quant_figures = None, {}, {}
+    if quant.is_quantized(model):
+        model, quant_figures = dequantized_for_export(model, path)
     if lora:
         extra, lora_figures = peft_export(payload, tokenizer, model, out_dir, str(cfg.export.dtype))
     figures = export(model, tokenizer, out_dir, dtype=str(cfg.export.dtype), extra=extra)
@@ -53,6 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "model/params": model.num_params(),
         "time/total_s": time.time() - started,
         **lora_figures,
+        **quant_figures,
         **figures,
     }
     log.info("exported %s to %s as %s (max logit difference %.2g)", path, out_dir, figures["architecture"], figures["check/max_abs_logit_diff"])
@@ -63,6 +70,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
     write_json(run_dir / runs.METRICS_FILE, metrics)
     return metrics
+
+
+def dequantized_for_export(model: GPT, path: Path) -> tuple[GPT, dict]:
+    """(the float model, what to record) for a quantised run: transformers gets its weights dequantised.
+
+    The integers times their scales (and zeros), as floats: the quantised values, not the float model
+    they were made from. A transformers folder of torchao tensors would need torchao to load and
+    holds the CPU-specific int4 layout (pipeline/model/quant.py), so the folder stays a plain one;
+    quant/max_abs_logit_diff says how far the float computation lands from the quantised one (int8
+    also quantised the activations, which a float model does not).
+    """
+    settings = model.quant_settings
+    plain = quant.dequantized(model)
+    probe = torch.randint(0, model.config.vocab_size, (2, min(16, model.config.block_size)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((plain(probe) - model(probe).float()).abs().max())
+    log.warning(
+        "%s is %s-quantised: exporting its weights dequantised to float (transformers folders hold no torchao tensors); "
+        "max logit difference against the quantised model %.2g",
+        path, settings.method, diff,
+    )
+    return plain, {"quant/method": settings.method, "quant/settings": settings.to_dict(), "quant/dequantized": True, "quant/max_abs_logit_diff": diff}
 
 
 def peft_export(payload: dict, tokenizer, merged: GPT, out_dir: Path, dtype: str):

@@ -4,8 +4,8 @@
     python -m pipeline stage=generate prompts_file=prompts.jsonl temperature=0.8 top_p=0.9 seed=1
     python -m pipeline stage=generate init_from=outputs/sft/default        # chat in the terminal
 
-The model is `init_from` (a run directory, a model.pt or a Lightning .ckpt), else the newest
-finished PPO run, else GRPO, DPO, SFT, pretrain. Text prompts reach SFT and PPO models as a user turn of
+The model is `init_from` (a run directory, a model.pt or a Lightning .ckpt; a quantize run too,
+which answers on the CPU), else the newest finished PPO run, else GRPO, DPO, SFT, pretrain. Text prompts reach SFT and PPO models as a user turn of
 the chat template (what they were trained on), pretrained models as plain text (`chat=`). Answers are printed and written to generations.jsonl in
 this run's directory. A generate run writes no model.pt, so it is never a finished run that a
 rerun skips or that a training stage starts from.
@@ -27,6 +27,7 @@ from pipeline.data.loading import _messages_problem
 from pipeline.errors import UserError
 from pipeline.evaluate import complete
 from pipeline.files import atomic_write_bytes
+from pipeline.model import quant
 from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer, path, stage = load_policy(cfg.init_from, Path(cfg.paths.root))
     chat_turns = wants_chat(cfg.chat, stage)
     if torch.cuda.is_available():
-        model.cuda()
+        model = quant.place(model, "cuda")  # a quantised model (stage=quantize) stays on the CPU its kernels are for
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.prompt is None and cfg.prompts_file is None:

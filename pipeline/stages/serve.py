@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from pipeline import runs
 from pipeline.errors import UserError
+from pipeline.model import quant
 from pipeline.files import write_json
 from pipeline.serving.api import Defaults, Served, create_app
 from pipeline.serving.metrics import Metrics
@@ -54,7 +55,7 @@ def load(cfg: DictConfig, given: str | None, root: Path, metrics: Metrics) -> Se
         raise UserError(f"{path} is a reward model (a scalar head), not a policy: serve an sft, ppo or pretrain run")
     model.eval().requires_grad_(False)
     if torch.cuda.is_available():
-        model.cuda()
+        model = quant.place(model, "cuda")  # a quantised model (stage=quantize) stays on the CPU its kernels are for
     path = Path(path)
     path = path.parent if path.name == runs.MODEL_FILE else path  # a run's directory, as the user names runs
     name = model_id(path, root)
@@ -82,6 +83,8 @@ class Server(uvicorn.Server):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     root = Path(cfg.paths.root)
+    if cfg.serve.threads is not None:
+        torch.set_num_threads(int(cfg.serve.threads))
     metrics = Metrics()
     given = [str(m) for m in cfg.serve.models] or [cfg.init_from]
     served = [load(cfg, g, root, metrics) for g in given]
@@ -105,6 +108,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         server.run(sockets=[sock])
     finally:
+        # uvicorn put back the handlers it found (SIGTERM's default kills): a repeated SIGTERM while the
+        # last requests finish and this run winds up is the same request to stop, not a reason to die.
+        signal.signal(signal.SIGTERM, lambda sig, frame: log.info("SIGTERM: already stopping"))
         for s in served:
             s.scheduler.stop(timeout=float(cfg.serve.shutdown_timeout_s))
     summary = {

@@ -34,9 +34,9 @@ def run_staggered(model: GPT, requests: list[tuple[list[int], int]], join_every:
         for row, token in zip(batch.rows, tokens.tolist()):
             got[row].append(token)
             kept.append(len(got[row]) < requests[row][1])
-        batch.keep(kept)
+        order = batch.keep(kept)
         if len(batch):
-            batch.step(tokens[torch.tensor(kept)])
+            batch.step(tokens[order])
         assert batch.width <= model.config.block_size
         step += 1
     return got
