@@ -234,6 +234,7 @@ def create_app(models: list[Served], *, api_key: str | None = None, defaults: De
         request = sched.Request(
             prompt_ids=ids, max_tokens=max_new, sampling=Sampling(temperature, body.top_k, body.top_p, generator),
             loop=loop, queue=asyncio.Queue(), n=body.n, stop=tuple(body.stop or ()), logprobs=top, prompt_logprobs=prompt_logprobs,
+            ignore_eos=body.ignore_eos,
         )
         try:
             served.scheduler.submit(request)

@@ -4,7 +4,7 @@ A body that does not fit is answered 400 with OpenAI's error object, naming the 
 (`param`: "messages[0].role", "temperature") and what it allows. Fields of OpenAI's API that this
 server does not implement (penalties, logit_bias, tools) are refused by name rather than ignored,
 so a client never believes it got what it asked for; fields it does not know are ignored, as
-clients send extras. `top_k` is an extension (vLLM's).
+clients send extras. `top_k` and `ignore_eos` are extensions (vLLM's).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Sampled(Options):
     temperature: float | None = Field(None, ge=0, le=2)  # None: the server's default (serve.temperature)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: no top-k filtering
+    ignore_eos: bool = False  # extension (vLLM's): generate past EOS, to max_tokens (fixed-length benchmarks)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None

@@ -47,6 +47,7 @@ class Request:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no per-token log-probs; k >= 0: the chosen token's and the top k
     prompt_logprobs: bool = False  # the prompt's own tokens scored too (completions' echo)
+    ignore_eos: bool = False  # EOS is a token like any other: the answer runs to max_tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter of the first token of any choice
@@ -267,7 +268,7 @@ class Scheduler:
     def _take(self, row: Row, token: int, logprobs: torch.Tensor | None, out: list[tuple]) -> None:
         """Add one sampled token to a row: its text delta (held back where a stop string may begin), its end."""
         request = row.request
-        if token == self.eos_id:
+        if token == self.eos_id and not request.ignore_eos:
             text = self._decode(row.ids)
             if len(text) > row.sent:
                 out.append(("token", row.choice, text[row.sent :], None))

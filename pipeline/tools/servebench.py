@@ -66,6 +66,7 @@ DEFAULTS = {
     "requests": 128,  # requests per level: this many, and at least 2 per client
     "max_tokens": 64,
     "temperature": 0.0,
+    "ignore_eos": False,  # true: every answer runs to max_tokens (the server's ignore_eos, as vLLM's benchmarks fix output lengths)
     "prompts": 200,  # the first N held-out prompts, asked in turn
     "warmup": 2,  # untimed requests before a server's first level
     "level_timeout_s": 60.0,  # no new request of a level starts after this
@@ -101,6 +102,10 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
             raise UserError(f"{key}: the bench sets it itself (each server listens on a free loopback port in its own run directory)")
         else:
             rest.append(arg)
+    if isinstance(settings["ignore_eos"], str):
+        if settings["ignore_eos"].lower() not in ("true", "false"):
+            raise UserError(f"servebench.ignore_eos={settings['ignore_eos']}: must be true or false")
+        settings["ignore_eos"] = settings["ignore_eos"].lower() == "true"
     for name in ("requests", "max_tokens", "prompts"):
         if settings[name] < 1:
             raise UserError(f"servebench.{name}={settings[name]}: must be at least 1")
@@ -315,6 +320,8 @@ def request_body(settings: dict, messages: list[dict], model: str | None) -> dic
         "messages": messages, "stream": True, "stream_options": {"include_usage": True},
         "temperature": settings["temperature"], "max_tokens": settings["max_tokens"],
     }
+    if settings["ignore_eos"]:
+        body["ignore_eos"] = True
     if model:
         body["model"] = model
     return body
@@ -576,7 +583,7 @@ def main(argv: list[str]) -> dict:
         "wall_s": time.perf_counter() - started,
     }
     print(f"\nserving {result['model']} on {facts['cpu_model'] or 'cpu'} ({facts['cpus_usable']} of {facts['cpu_count']} CPUs usable, torch {facts['torch_threads']} threads)")
-    print(f"streamed chat completions, max_tokens={settings['max_tokens']}, temperature={settings['temperature']:g}, at least {settings['requests']} requests (and 2 per client) per level, {settings['level_timeout_s']:g} s bound per level\n")
+    print(f"streamed chat completions, max_tokens={settings['max_tokens']}{' (ignore_eos: every answer that long)' if settings['ignore_eos'] else ''}, temperature={settings['temperature']:g}, at least {settings['requests']} requests (and 2 per client) per level, {settings['level_timeout_s']:g} s bound per level\n")
     print(markdown(rows))
     if compare:
         print("\nbatching on vs off, generated tokens/s: " + ", ".join(f"{c} client{'s' if c > 1 else ''} {v:.2f}x" if v is not None else f"{c}: -" for c, v in sorted(compare.items())))

@@ -287,3 +287,26 @@ def test_a_port_in_use_or_a_missing_model_exits_2(tmp_path):
     assert r.returncode == 2 and f"serve.port={port}" in r.stderr and "cannot listen" in r.stderr
     r = run_pipeline("stage=serve", f"serve.models=[{tmp_path}/nowhere]", f"paths.root={tmp_path}", root=tmp_path, check=False)
     assert r.returncode == 2 and "nowhere" in r.stderr
+
+
+def test_ignore_eos_runs_an_answer_to_max_tokens(tmp_path):
+    """A model that answers EOS at once (its last norm's output is a constant that the EOS row matches) stops at
+    once; with ignore_eos (vLLM's extension, what fixed-length benchmarks send) it runs to max_tokens."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(TEXTS, 300)
+    model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32, norm="layernorm", bias=True, tie_embeddings=False))
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.normal_()
+        model.lm_head.weight[tokenizer.eos_token_id] = 10 * model.norm_f.bias
+    run_dir = tmp_path / "ppo" / "eos"
+    save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
+    runs.save_model(run_dir / runs.MODEL_FILE, model, kind="lm", stage="ppo")
+    write_json(run_dir / runs.METRICS_FILE, {"stage": "ppo"})
+    with LiveServer(tmp_path) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        kwargs = dict(model="ppo/eos", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=9)
+        stopped = client.chat.completions.create(**kwargs)
+        assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == "" and stopped.usage.completion_tokens == 1
+        full = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
+        assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 9
