@@ -12,7 +12,8 @@ the run's server.json and GET /health, sends `servebench.warmup` untimed request
 GET /metrics, then stops the server with SIGTERM and records its exit code (0 for a clean stop).
 
 A level of c clients: c asyncio clients, each its own httpx.AsyncClient (one connection), send streamed chat
-completions (`stream_options.include_usage`, `servebench.temperature`, `servebench.max_tokens`) one after the
+completions (`stream_options.include_usage`, `servebench.temperature`, `servebench.max_tokens`, and the server's
+`ignore_eos` extension while servebench.ignore_eos is true: every answer that long) one after the
 other until max(servebench.requests, 2c) requests have been sent or servebench.level_timeout_s has passed
 (then no new request starts; the ones in flight finish, each within servebench.request_timeout_s). The
 prompts are the embedded task's held-out (test) prompts, the gold evaluation's, in the same order at every
@@ -26,7 +27,7 @@ level's wall time), p50/p95/p99 latency and TTFT, errors, and the mean rows per 
 level (from the server's pipeline_batch_size histogram). Prints a markdown table and writes
 <paths.root>/bench/servebench.json (or servebench.out=FILE). Loopback only: a non-loopback serve.host is refused.
 
-The defaults (DEFAULTS: 128 requests a level, 64 new tokens, a 60 s bound a level) take about a minute for the
+The defaults (DEFAULTS: 128 requests a level, 64 new tokens with ignore_eos, a 60 s bound a level) take about a minute for the
 tiny model on 2 CPU cores, and at most 8 levels x (60 s + the requests in flight) for a slow one. The bench's
 clients share the machine with the server: on a small CPU they take part of its time (the JSON's machine facts
 say how many cores, threads and what load there was). OMP_NUM_THREADS reaches the server through the environment.
@@ -66,7 +67,9 @@ DEFAULTS = {
     "requests": 128,  # requests per level: this many, and at least 2 per client
     "max_tokens": 64,
     "temperature": 0.0,
-    "ignore_eos": False,  # true: every answer runs to max_tokens (the server's ignore_eos, as vLLM's benchmarks fix output lengths)
+    # true: every answer runs to max_tokens (the server's ignore_eos, as vLLM's serving benchmarks fix output lengths), so that
+    # tokens/s measures the server rather than how long the model's answers happen to be; false: the model's own lengths.
+    "ignore_eos": True,
     "prompts": 200,  # the first N held-out prompts, asked in turn
     "warmup": 2,  # untimed requests before a server's first level
     "level_timeout_s": 60.0,  # no new request of a level starts after this
