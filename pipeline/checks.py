@@ -174,6 +174,16 @@ def _reward_weights(value: Any) -> bool:
     return value is None or isinstance(value, (list, tuple)) and all(_is_number(w) and math.isfinite(w) for w in value)
 
 
+BATCH_SIZES = Satisfies(lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_is_number(b, integer=True) and b >= 1 for b in v), "a non-empty list of integers >= 1")
+def _prune_targets(value: Any) -> bool:
+    from pipeline.model.prune import TARGETS
+
+    if not isinstance(value, dict) or not value or set(value) - set(TARGETS):
+        return False
+    shares = [0 if v is None else v for v in value.values()]
+    return all(_is_number(v) and 0 <= v < math.inf for v in shares) and any(v > 0 for v in shares)
+
+
 SAMPLING_FILTERS = "rollout log-probs would not be those of the sampling distribution: PPO samples from the whole softmax at ppo.temperature"
 
 # key -> (rule, why). Keys of the generate stage stand at the top level of its config (temperature=0.7).
@@ -297,6 +307,24 @@ RULES: dict[str, tuple[Any, str]] = {
     "dpo.reference": (OneOf(("precompute", "online")), "precompute: the reference scores every pair once before training; online: in every step"),
     "dpo.train_pairs": (Number(low=1, integer=True, special=(None,)), "null: every training pair"),
     # (end of dpo)
+    # distill (pipeline/stages/distill.py, pipeline/distillation.py)
+    "teacher_from": (Satisfies(_existing_path, "an existing run directory, model.pt, Lightning .ckpt or transformers folder"), "no such file or directory"),
+    "distill.lmbda": (PROBABILITY, "the share of batches whose answers the student samples itself"),
+    "distill.beta": (PROBABILITY, "0: forward KL(teacher || student); 1: reverse KL(student || teacher); between: the generalised JSD"),
+    "distill.temperature": (POSITIVE, "both models' logits are divided by it"),
+    "distill.nll_weight": (NON_NEGATIVE, "the weight of the student's next-token loss on the answers"),
+    "distill.max_new_tokens": (COUNT, ""),
+    "distill.teacher_temperature": (NON_NEGATIVE, "0: the teacher's answers are greedy"),
+    "distill.sampling_temperature": (NON_NEGATIVE, "0: the student's on-policy answers are greedy"),
+    "distill.train_prompts": (Number(low=1, integer=True, special=(None,)), "null: every training prompt"),
+    "distill.val_prompts": (COUNT, "held-out prompts for val/loss"),
+    "distill.batch_size": (COUNT, "prompts per step, per process"),
+    "distill.generate_batch_size": (COUNT, "prompts the teacher answers together"),
+    "distill.bench.batch_sizes": (BATCH_SIZES, "the batch sizes tokens/s is measured at"),
+    "distill.bench.new_tokens": (COUNT, "generated per prompt in each timed call"),
+    "distill.bench.warmup": (SIZE, "untimed calls per model and batch size"),
+    "distill.bench.repeats": (COUNT, "timed calls per model and batch size"),
+    # (end of distill)
     # grpo (pipeline/stages/grpo.py); whether grpo.reward's functions import is checked at the stage's start
     "grpo.iterations": (COUNT, ""),
     "grpo.prompts_per_rollout": (COUNT, "prompts per rollout, per process"),
@@ -346,11 +374,23 @@ RULES: dict[str, tuple[Any, str]] = {
     "quantize.method": (OneOf(("int8", "int4")), "int8: int8 weights and activations; int4: int4 weights only"),
     "quantize.group_size": (OneOf((32, 64, 128)), "int4: inputs per scale and zero point, the sizes the CPU int4 kernel takes"),
     "quantize.dtype": (OneOf(("auto", "float32", "bfloat16")), "the activations and the unquantised weights; auto: float32 for int8, bfloat16 for int4"),
-    "quantize.bench.batch_sizes": (Satisfies(lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_is_number(b, integer=True) and b >= 1 for b in v), "a non-empty list of integers >= 1"), "the batch sizes tokens/s is measured at"),
+    "quantize.bench.batch_sizes": (BATCH_SIZES, "the batch sizes tokens/s is measured at"),
     "quantize.bench.new_tokens": (COUNT, "generated per prompt in each timed call"),
     "quantize.bench.warmup": (SIZE, "untimed calls per model and batch size"),
     "quantize.bench.repeats": (COUNT, "timed calls per model and batch size"),
     # (end of quantize)
+    # prune (pipeline/stages/prune.py, pipeline/model/prune.py); prune.recover.* are the distill section's rules, below RULES
+    "prune.ratio": (Number(low=0, high=1, low_open=True), "the pruned model's share of the parameters"),
+    "prune.method": (OneOf(("magnitude", "wanda")), "magnitude: weight norms; wanda: |W| x ||X|| on the calibration text"),
+    "prune.targets": (Satisfies(_prune_targets, "a mapping of blocks, heads, channels to shares >= 0, at least one > 0, e.g. {heads: 0.25, channels: 0.75}"), "the shares of the removed parameters"),
+    "prune.calibration.prompts": (COUNT, "calibration prompts"),
+    "prune.calibration.max_new_tokens": (COUNT, "the source's answer after each calibration prompt"),
+    "prune.calibration.batch_size": (COUNT, ""),
+    "prune.recover.steps": (SIZE, "0: no recovery"),
+    "prune.bench.batch_sizes": (BATCH_SIZES, "the batch sizes tokens/s is measured at"),
+    "prune.bench.new_tokens": (COUNT, "generated per prompt in each timed call"),
+    "prune.bench.warmup": (SIZE, "untimed calls per model and batch size"),
+    "prune.bench.repeats": (COUNT, "timed calls per model and batch size"),
     # serve
     "serve.host": (Satisfies(lambda v: isinstance(v, str) and bool(v.strip()), "a host name or address"), "the address to listen on"),
     "serve.port": (Number(low=0, high=65535, integer=True), "0: any free port"),
@@ -366,6 +406,9 @@ RULES: dict[str, tuple[Any, str]] = {
     "compare.seeds": (COUNT, "runs of each method"),
     "compare.completions": (Number(low=1, integer=True, special=(None,)), "generated completions per online run; null: each method's own iterations"),
 }
+
+# stage=prune's recovery (prune.recover) is a distillation with the distill stage's keys: the same rules.
+RULES.update({f"prune.recover.{key[len('distill.'):]}": rule for key, rule in list(RULES.items()) if key.startswith("distill.") and not key.startswith("distill.bench.")})
 
 # Keys whose allowed values Lightning decides (read lazily: they need Lightning's registries).
 LIGHTNING_CHOICES = {"trainer.precision": _precisions, "trainer.accelerator": lambda: _registered("accelerator"), "trainer.strategy": lambda: _registered("strategy")}

@@ -109,11 +109,14 @@ def reward_normaliser(payload: dict) -> dict:
     return {k: v for k, v in payload.get("extra", {}).items() if isinstance(v, (int, float))}
 
 
-def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int, stage: str) -> tuple[list[list[int]], list, list, str]:
+def load_prompts(
+    cfg: DictConfig, tokenizer, max_prompt: int, stage: str, eval_count: int | None = None, held_out: tuple[str, ...] = ("test", "validation")
+) -> tuple[list[list[int]], list, list, str]:
     """Training prompts (token ids, and as TRL prompts) and held-out prompts (TRL prompts) through the shared loader.
 
     Preference and prompt-completion data give their prompts. `stage` names the config section
-    (`<stage>.max_new_tokens`, `<stage>.eval_prompts`) and the stage in messages.
+    (`<stage>.max_new_tokens`, `<stage>.eval_prompts`: the held-out count unless `eval_count` says) and
+    the stage in messages. The held-out prompts come from the first split of `held_out` that the data has.
     """
     ds, fmt, source = load_stage_data(cfg, stage, {"prompt_only", "prompt_completion", "preference"}, lambda: embedded_task(Path(cfg.paths.cache_dir), "prompts"))
     if fmt.implicit_prompt:
@@ -121,15 +124,19 @@ def load_prompts(cfg: DictConfig, tokenizer, max_prompt: int, stage: str) -> tup
     for split in ds:
         validate_rows(ds[split].select_columns(["prompt"]), DataFormat("prompt_only", fmt.conversational), f"{source} [{split}]")
     rows = ds["train"]["prompt"]
-    prompts = []
-    for i, p in enumerate(rows):
-        ids = prompt_ids(tokenizer, p)
-        if len(ids) > max_prompt:
-            raise UserError(f"{source} [train], row {source_row(ds['train'], i)}: the prompt has {len(ids)} tokens; with {stage}.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
-        prompts.append(ids)
-    held_out = ds["test"] if "test" in ds else ds["validation"]
-    eval_prompts = [held_out[i]["prompt"] for i in range(min(cfg[stage].eval_prompts, len(held_out)))]
+    prompts = [fitting_prompt_ids(tokenizer, p, max_prompt, f"{source} [train], row {source_row(ds['train'], i)}", stage) for i, p in enumerate(rows)]
+    split = next(s for s in held_out if s in ds)
+    count = cfg[stage].eval_prompts if eval_count is None else eval_count
+    eval_prompts = [ds[split][i]["prompt"] for i in range(min(count, len(ds[split])))]
     return prompts, list(rows), eval_prompts, source
+
+
+def fitting_prompt_ids(tokenizer, prompt, max_prompt: int, where: str, stage: str) -> list[int]:
+    """A TRL prompt's token ids, refused (naming `where`: the file and row) when it leaves no room for <stage>.max_new_tokens."""
+    ids = prompt_ids(tokenizer, prompt)
+    if len(ids) > max_prompt:
+        raise UserError(f"{where}: the prompt has {len(ids)} tokens; with {stage}.max_new_tokens it must fit the context ({max_prompt} tokens at most)")
+    return ids
 
 
 def uses_gold(cfg: DictConfig) -> bool:

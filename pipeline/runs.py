@@ -359,16 +359,16 @@ def load_weights(model: torch.nn.Module, state: dict, source: Path | str, allow_
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage: str, cls: type[GPT] = GPT, run_name: str | None = None, **config_updates):
+def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage: str, cls: type[GPT] = GPT, run_name: str | None = None, key: str = "init_from", **config_updates):
     """What a stage starts from: (model, tokenizer, payload, path), from init_from or the parent run resolve_start picks.
 
     The tokenizer is the one saved beside the model (run_dir/tokenizer/), or a transformers folder's
     own, so a stage can never pair weights with a different vocabulary.
     """
-    path = resolve_start(init_from, sources, root, stage, run_name=run_name)
+    path = resolve_start(init_from, sources, root, stage, key=key, run_name=run_name)
     payload = load_model_payload(path)
     if "quant" in payload:
-        refuse_quantized_training(payload, path, stage)
+        refuse_quantized_training(payload, path, stage, key)
     tokenizer = load_start_tokenizer(path)
     vocab_size = payload["config"]["vocab_size"]
     if len(tokenizer) > vocab_size and path.is_dir():
@@ -380,7 +380,7 @@ def load_start(init_from: str | None, sources: Sequence[str], root: Path, stage:
     return model, tokenizer, payload, path
 
 
-def refuse_quantized_training(payload: dict, path: Path, stage: str) -> None:
+def refuse_quantized_training(payload: dict, path: Path, stage: str, key: str = "init_from") -> None:
     """A quantised model is for reading (generate, export, serve): a stage that trains needs the float weights it was made from.
 
     Which stages train is the registry's (pipeline/stages/__init__.py) to say; it imports nothing of the pipeline.
@@ -391,7 +391,7 @@ def refuse_quantized_training(payload: dict, path: Path, stage: str) -> None:
         method = payload["quant"].get("settings", {}).get("method", "?")
         source = payload.get("extra", {}).get("source")
         start = f"start from {source}, the float model it was quantised from" if source else "start from the float model it was quantised from"
-        raise UserError(f"init_from={path} is a quantised model ({method}, stage=quantize): stage '{stage}' trains, which needs float weights; {start}")
+        raise UserError(f"{key}={path} is a quantised model ({method}, stage=quantize): stage '{stage}' trains, which needs float weights; {start}")
 
 
 def tokenizer_dir_of(path: Path) -> Path:

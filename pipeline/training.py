@@ -504,13 +504,17 @@ def log_model_artifact(logger: Logger | None, path: Path, name: str, kind: str, 
     logger.experiment.log_artifact(artifact)
 
 
-def finish(run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trainer, kind: str, stage: str, extra: dict | None = None, base: Path | None = None) -> None:
+def finish(
+    run_dir: Path, model: GPT, tokenizer, metrics: dict, trainer: pl.Trainer, kind: str, stage: str, extra: dict | None = None, base: Path | None = None, model_stage: str | None = None
+) -> None:
     """The end of every stage: tokenizer and model.pt into the run directory, the artifact to W&B, then metrics.json last.
 
-    metrics.json marks the run as finished, so it is written after everything it vouches for.
+    metrics.json marks the run as finished, so it is written after everything it vouches for. `model_stage`:
+    the stage model.pt records, where it is not this one (stage=prune keeps its source's: generate and serve
+    send chat prompts to a model by it).
     """
     save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
-    lora = runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=stage, extra=extra, base=base)  # base: a LoRA model's
+    lora = runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=model_stage or stage, extra=extra, base=base)  # base: a LoRA model's
     logger = trainer.logger
     if logger is not None:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)

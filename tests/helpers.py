@@ -50,6 +50,21 @@ def run_pipeline(*overrides: str, root: Path, timeout: int = 300, check: bool = 
     return result
 
 
+def start_pipeline(args: list[str], root: Path) -> subprocess.Popen:
+    """`python -m pipeline ARGS` in the background (to be killed), its stderr in root/stderr.txt (a pipe nobody reads would fill and block it)."""
+    env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
+    with (root / "stderr.txt").open("w") as err:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The global step of run_dir/checkpoints/last.ckpt; 0 while there is none (or it is being written)."""
+    try:
+        return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    except Exception:
+        return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Export to transformers (tests/model/test_hf.py, tests/stages/test_export.py)
 
@@ -61,6 +76,7 @@ ARCHS = {
     "gpt2-nobias-untied": dict(GPT2_STYLE, bias=False, tie_embeddings=False),
     "llama-gqa": dict(n_head=4, n_kv_head=2, rope_theta=500.0),
     "llama-bias-untied": dict(bias=True, tie_embeddings=False),
+    "llama-narrow-heads": dict(n_head=2, n_kv_head=1, head_dim=8),  # n_head * head_dim < n_embd: a model whose heads were pruned
 }
 
 

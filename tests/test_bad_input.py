@@ -56,7 +56,7 @@ pytestmark = pytest.mark.timeout(120)  # a row that is not refused starts traini
 
 PARENTS = ("pretrain", "sft", "reward")
 # The finished runs a row's outputs root starts with: those of the stages before its own.
-PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "dpo": PARENTS, "grpo": PARENTS, "generate": PARENTS, "export": PARENTS, "serve": PARENTS}
+PARENTS_OF = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": PARENTS, "dpo": PARENTS, "grpo": PARENTS, "distill": PARENTS, "prune": PARENTS, "generate": PARENTS, "export": PARENTS, "serve": PARENTS}
 BLOCK = 256  # the parents' context: room for the embedded task's prompts and ppo.max_new_tokens=40
 
 
@@ -296,6 +296,12 @@ CONFIG = [
         ("prompt and prompts_file both", ["prompt=hi", "prompts_file={in}/p.txt"], ["give prompt=... or prompts_file=..., not both"], [file("p.txt", "hello\n")]),
     ),
     *rows("export", ("unknown dtype", ["export.dtype=int8"], ["export.dtype=int8: must be one of float32, bfloat16, float16"])),
+    *rows(
+        "distill",
+        ("on-policy share above 1", ["distill.lmbda=1.5"], ["distill.lmbda=1.5: must be in [0, 1] (the share of batches whose answers the student samples itself)"]),
+        ("beta beyond reverse KL", ["distill.beta=2"], ["distill.beta=2: must be in [0, 1]", "1: reverse KL(student || teacher)"]),
+        ("temperature 0", ["distill.temperature=0"], ["distill.temperature=0: must be > 0"]),
+    ),
 ]
 
 # (stage, override, words): one bad value for each rule of pipeline/checks.py, checked on the stage's composed config.
@@ -443,6 +449,42 @@ VALUES = [
     ("dpo", "dpo.sft_coef=-1", "dpo.sft_coef=-1: must be >= 0"),
     ("dpo", "dpo.reference=cached", "dpo.reference=cached: must be precompute or online"),
     ("dpo", "dpo.train_pairs=0", "dpo.train_pairs=0: must be null or >= 1"),
+    ("distill", "teacher_from=/no/such/run", "teacher_from=/no/such/run: must be an existing run directory"),
+    ("distill", "distill.nll_weight=-1", "distill.nll_weight=-1: must be >= 0"),
+    ("distill", "distill.max_new_tokens=0", "distill.max_new_tokens=0: must be >= 1"),
+    ("distill", "distill.teacher_temperature=-1", "distill.teacher_temperature=-1: must be >= 0 (0: the teacher's answers are greedy)"),
+    ("distill", "distill.sampling_temperature=-0.5", "distill.sampling_temperature=-0.5: must be >= 0"),
+    ("distill", "distill.train_prompts=0", "distill.train_prompts=0: must be null or >= 1"),
+    ("distill", "distill.val_prompts=0", "distill.val_prompts=0: must be >= 1"),
+    ("distill", "distill.batch_size=0", "distill.batch_size=0: must be >= 1"),
+    ("distill", "distill.generate_batch_size=0", "distill.generate_batch_size=0: must be >= 1"),
+    ("distill", "distill.bench.batch_sizes=[]", "distill.bench.batch_sizes=[]: must be a non-empty list of integers >= 1"),
+    ("distill", "distill.bench.new_tokens=0", "distill.bench.new_tokens=0: must be >= 1"),
+    ("distill", "distill.bench.warmup=-1", "distill.bench.warmup=-1: must be >= 0"),
+    ("distill", "distill.bench.repeats=0", "distill.bench.repeats=0: must be >= 1"),
+    ("prune", "prune.ratio=0", "prune.ratio=0: must be in (0, 1] (the pruned model's share of the parameters)"),
+    ("prune", "prune.method=l1", "prune.method=l1: must be magnitude or wanda"),
+    ("prune", "prune.targets={layers:1}", "prune.targets={'layers': 1}: must be a mapping of blocks, heads, channels to shares >= 0"),
+    ("prune", "prune.calibration.prompts=0", "prune.calibration.prompts=0: must be >= 1"),
+    ("prune", "prune.calibration.max_new_tokens=0", "prune.calibration.max_new_tokens=0: must be >= 1"),
+    ("prune", "prune.calibration.batch_size=0", "prune.calibration.batch_size=0: must be >= 1"),
+    ("prune", "prune.recover.steps=-1", "prune.recover.steps=-1: must be >= 0 (0: no recovery)"),
+    # prune.recover: the distill section's keys under the same rules
+    ("prune", "prune.recover.lmbda=2", "prune.recover.lmbda=2: must be in [0, 1]"),
+    ("prune", "prune.recover.beta=-1", "prune.recover.beta=-1: must be in [0, 1]"),
+    ("prune", "prune.recover.temperature=0", "prune.recover.temperature=0: must be > 0"),
+    ("prune", "prune.recover.nll_weight=-1", "prune.recover.nll_weight=-1: must be >= 0"),
+    ("prune", "prune.recover.max_new_tokens=0", "prune.recover.max_new_tokens=0: must be >= 1"),
+    ("prune", "prune.recover.teacher_temperature=-1", "prune.recover.teacher_temperature=-1: must be >= 0"),
+    ("prune", "prune.recover.sampling_temperature=-1", "prune.recover.sampling_temperature=-1: must be >= 0"),
+    ("prune", "prune.recover.train_prompts=0", "prune.recover.train_prompts=0: must be null or >= 1"),
+    ("prune", "prune.recover.val_prompts=0", "prune.recover.val_prompts=0: must be >= 1"),
+    ("prune", "prune.recover.batch_size=0", "prune.recover.batch_size=0: must be >= 1"),
+    ("prune", "prune.recover.generate_batch_size=0", "prune.recover.generate_batch_size=0: must be >= 1"),
+    ("prune", "prune.bench.batch_sizes=[0]", "prune.bench.batch_sizes=[0]: must be a non-empty list of integers >= 1"),
+    ("prune", "prune.bench.new_tokens=0", "prune.bench.new_tokens=0: must be >= 1"),
+    ("prune", "prune.bench.warmup=-1", "prune.bench.warmup=-1: must be >= 0"),
+    ("prune", "prune.bench.repeats=0", "prune.bench.repeats=0: must be >= 1"),
     ("grpo", "grpo.iterations=0", "grpo.iterations=0: must be >= 1"),
     ("grpo", "grpo.prompts_per_rollout=0", "grpo.prompts_per_rollout=0: must be >= 1"),
     ("grpo", "grpo.group_size=1", "grpo.group_size=1: must be >= 2"),
@@ -550,6 +592,16 @@ PARENT_ROWS = [
         ("a model file that could run code", ["init_from={in}/unsafe"], ["{in}/unsafe/model.pt", "could run code"], [unsafe_model("unsafe")]),
     ),
     *rows("reward", ("no sft run", [], ["no finished sft run under {root} for stage 'reward' to start from"], [], ("pretrain",))),
+    *rows(
+        "distill",
+        ("no teacher", [], ["no finished ppo/grpo/dpo/sft run under {root} for stage 'distill' to start from", "teacher_from=PATH"], [], ("pretrain",)),
+        ("a reward model as the teacher", ["teacher_from={in}/m/reward/default"], ["teacher_from={in}/m/reward/default/model.pt is a reward model (a scalar head), not a policy"], [run("m", model=scalar, stage="reward", kind="scalar")]),
+    ),
+    *rows(
+        "prune",
+        ("a reward model to prune", ["init_from={in}/m/reward/default"], ["init_from={in}/m/reward/default/model.pt is a reward model (a scalar head), not a policy"], [run("m", model=scalar, stage="reward", kind="scalar")]),
+        ("a ratio below what the embedding keeps", ["prune.ratio=0.05"], ["prune.ratio=0.05: the smallest model these targets allow keeps", "the token embedding alone holds"]),
+    ),
     *rows(
         "ppo",
         ("no reward run", [], ["no finished reward run under {root} for stage 'ppo' to start from", "reward_from=PATH"], [], ("pretrain", "sft")),
@@ -794,7 +846,7 @@ def test_bad_input_in_a_process(row: Row, processes):
 def test_every_default_config_passes_the_checks():
     """The checks refuse what is wrong, never a stage's own defaults, with any model, trainer or logger choice."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "generate", "export", "quantize"):
+        for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "distill", "prune", "generate", "export", "quantize"):
             check_config(compose("config", overrides=[f"stage={stage}"]))
         for recipe in ("instructgpt", "dpo", "grpo", "rlvr", "compare"):
             check_config(compose("config", overrides=[f"recipe={recipe}"]))

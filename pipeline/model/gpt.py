@@ -32,6 +32,9 @@ class GPTConfig:
     n_head: int = 4  # query heads
     n_kv_head: int | None = None  # key/value heads; fewer than n_head = grouped-query attention
     n_embd: int = 128  # width of the residual stream
+    # Width of each attention head; None: n_embd // n_head. Set where the heads do not fill the residual width
+    # (a model whose heads were pruned: attention is n_embd -> n_head * head_dim -> n_embd). Llama's field of that name.
+    head_dim: int | None = None
     mlp_ratio: float = 4.0  # hidden width of the MLP over n_embd (SwiGLU uses 2/3 of it, as Llama does)
     mlp_hidden_size: int | None = None  # explicit hidden width, overriding mlp_ratio (imported models have any width)
     dropout: float = 0.0  # on attention weights and residual branches; RL turns it off
@@ -47,7 +50,8 @@ class GPTConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         # Sizes first: the divisibility checks below would divide by a zero head count.
-        sizes = ["vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"] + (["mlp_hidden_size"] if self.mlp_hidden_size is not None else [])
+        optional = [name for name in ("head_dim", "mlp_hidden_size") if getattr(self, name) is not None]
+        sizes = ["vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"] + optional
         for name in sizes:
             if not _is_number(getattr(self, name), integer=True) or getattr(self, name) < 1:
                 raise ValueError(f"model config: {name}={getattr(self, name)!r} must be an integer >= 1")
@@ -56,13 +60,15 @@ class GPTConfig:
                 raise ValueError(f"model config: {name}={getattr(self, name)!r} must be > 0")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise ValueError(f"model config: dropout={self.dropout!r} must be in [0, 1)")
+        if self.head_dim is not None and self.n_embd == self.n_head * self.head_dim:
+            self.head_dim = None  # the derived width: one config, one way to write it (old files have no head_dim)
         checks = [
-            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
+            (self.head_dim is not None or self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}"),
             (self.pos_emb in ("rope", "learned"), f"pos_emb must be 'rope' or 'learned', not {self.pos_emb!r}"),
             (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', not {self.norm!r}"),
             (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', not {self.mlp!r}"),
-            (self.pos_emb != "rope" or (self.n_embd // self.n_head) % 2 == 0, "rotary positions need an even head size"),
+            (self.pos_emb != "rope" or self.head_size % 2 == 0, "rotary positions need an even head size"),
         ]
         for ok, message in checks:
             if not ok:
@@ -70,7 +76,12 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """The queries' (and attention output's) width, n_head * head_size: n_embd unless head_dim says otherwise."""
+        return self.n_head * self.head_size
 
     @property
     def mlp_hidden(self) -> int:
@@ -169,14 +180,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_size, bias=config.bias)
+        self.q_proj = nn.Linear(config.n_embd, config.attn_width, bias=config.bias)
         self.kv_proj = nn.Linear(config.n_embd, 2 * config.n_kv_head * config.head_size, bias=config.bias)
-        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.out_proj = nn.Linear(config.attn_width, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, mask, kv_cache: KVCache | None):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_size).permute(2, 0, 3, 1, 4)  # 2 x (B, nkv, T, hs)
         if rotary is not None:
@@ -192,7 +203,7 @@ class CausalSelfAttention(nn.Module):
             is_causal=mask is None and kv_cache is None,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh*hs): C unless head_dim is set
         return self.resid_dropout(self.out_proj(y))
 
 

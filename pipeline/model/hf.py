@@ -41,6 +41,12 @@ def architecture_of(config: GPTConfig) -> str:
                     f"model config n_kv_head={config.n_kv_head} (grouped-query attention) has no GPT-2 counterpart: "
                     f"GPT-2 needs n_kv_head = n_head = {config.n_head}"
                 )
+            if name == "gpt2" and config.head_dim is not None:
+                # GPT2Config derives the head width from n_embd / n_head; a model with pruned heads has narrower attention.
+                raise UserError(
+                    f"model config head_dim={config.head_dim} with n_head={config.n_head} and n_embd={config.n_embd} (attention narrower "
+                    f"than the residual stream, as after pruning heads) has no GPT-2 counterpart: GPT-2 needs n_head * head_dim = n_embd"
+                )
             return name
     wrong = {
         name: [f"{k}={getattr(config, k)}" for k, v in wanted.items() if getattr(config, k) != v] for name, wanted in ARCHITECTURES.items()
@@ -203,7 +209,7 @@ def to_transformers(model: GPT, tokenizer=None):
     return hf.eval()
 
 
-def _mlp_fields(hidden: int, n_embd: int, mlp: str) -> dict:
+def mlp_fields(hidden: int, n_embd: int, mlp: str) -> dict:
     """mlp_ratio when one reproduces the width (our default 4 first, so round trips keep our config), else the explicit width."""
     natural = hidden / n_embd * (1.5 if mlp == "swiglu" else 1.0)
     for ratio in (4.0, natural):
@@ -239,7 +245,7 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
             mlp="gelu",
             tie_embeddings=bool(hf_cfg.tie_word_embeddings),
             norm_eps=hf_cfg.layer_norm_epsilon,
-            **_mlp_fields(hidden, hf_cfg.n_embd, "gelu"),
+            **mlp_fields(hidden, hf_cfg.n_embd, "gelu"),
         )
     elif model_type == "llama":
         require(hf_cfg.hidden_act == "silu", "hidden_act", hf_cfg.hidden_act, "silu")
@@ -247,7 +253,6 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         require(rope_type == "default", "rope_parameters.rope_type", rope_type, "default: no rope scaling")
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-        require(head_dim * hf_cfg.num_attention_heads == hf_cfg.hidden_size, "head_dim", head_dim, "hidden_size / num_attention_heads")
         require(hf_cfg.attention_bias == hf_cfg.mlp_bias, "attention_bias", hf_cfg.attention_bias, f"equal to mlp_bias={hf_cfg.mlp_bias}")
         values = dict(
             vocab_size=hf_cfg.vocab_size,
@@ -256,6 +261,7 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
             n_head=hf_cfg.num_attention_heads,
             n_kv_head=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
             n_embd=hf_cfg.hidden_size,
+            head_dim=head_dim,  # GPTConfig keeps it only where it differs from hidden_size / num_attention_heads
             bias=bool(hf_cfg.attention_bias),
             pos_emb="rope",
             norm="rmsnorm",
@@ -263,7 +269,7 @@ def config_from_hf(hf_cfg, source: Path) -> tuple[GPTConfig, str]:
             rope_theta=float(rope["rope_theta"]),
             tie_embeddings=bool(hf_cfg.tie_word_embeddings),
             norm_eps=hf_cfg.rms_norm_eps,
-            **_mlp_fields(hf_cfg.intermediate_size, hf_cfg.hidden_size, "swiglu"),
+            **mlp_fields(hf_cfg.intermediate_size, hf_cfg.hidden_size, "swiglu"),
         )
     else:
         raise UserError(f"{where}: model_type={model_type!r} is not supported; this pipeline imports 'gpt2' and 'llama' models")

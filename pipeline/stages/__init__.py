@@ -90,10 +90,23 @@ STAGES: dict[str, Stage] = {
             speed="perf/gen_tokens_per_s",
         ),
         Stage(
+            "distill",
+            inputs={"teacher_from": ("ppo", "grpo", "dpo", "sft")},  # the student: init_from= when given, else fresh from the model group
+            policy=True,
+            chat=True,
+            headline="gold score {gold/start} -> {gold/final} (teacher {gold/teacher}); KL to the teacher {kl/start} -> {kl/final}; {params/ratio:2} of its parameters, x{perf/speedup_b1:2} tokens/s at batch 1",
+        ),
+        Stage(
             "quantize",
             starts_from=_POLICIES,
             trains=False,  # its model.pt is for generate, export and serve to read, never for a stage to train on
             headline="{method}: model.pt {file/ratio:2}x smaller; tokens/s x{perf/speedup_b1:2} at batch 1, x{perf/speedup_b16:2} at 16; gold {gold/float} -> {gold/quant}",
+        ),
+        Stage(
+            "prune",
+            starts_from=_POLICIES,
+            policy=True,  # chat or not as its source: model.pt records the source's stage
+            headline="{method}: {params/ratio:2} of the parameters; gold {gold/source} -> {gold/pruned} pruned -> {gold/final}; KL {kl/final}; x{perf/speedup_b1:2} tokens/s at batch 1",
         ),
         Stage("export", starts_from=_POLICIES, trains=False),
         Stage("generate", starts_from=_POLICIES, trains=False),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -37,13 +36,11 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import runs
-from pipeline.data.chat import prompt_ids
 from pipeline.errors import UserError
-from pipeline.evaluate import gold_eval, gold_prompts
+from pipeline.evaluate import bench_prompts, gold_eval, gold_prompts, tokens_per_s
 from pipeline.files import write_json
-from pipeline.model import GPT, generate, left_pad, quant
+from pipeline.model import GPT, quant
 from pipeline.stages import STAGES
-from pipeline.tasks import default_task
 from pipeline.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,35 +57,6 @@ def load_float(cfg: DictConfig, run_dir: Path):
         source = payload.get("extra", {}).get("source", "its float source")
         raise UserError(f"init_from={path} is quantised already ({model.quant_settings.method}): quantise {source} instead")
     return model.eval(), tokenizer, payload, path
-
-
-def bench_prompts(tokenizer, n: int, block_size: int, new_tokens: int) -> list[list[int]]:
-    """n held-out task prompts as token ids, cut to leave room for new_tokens: the same prompts for both models."""
-    rows = default_task().prompt_rows("test", n)
-    room = max(1, block_size - new_tokens)
-    return [prompt_ids(tokenizer, r["prompt"])[-room:] for r in rows]
-
-
-@torch.no_grad()
-def tokens_per_s(models: dict[str, GPT], prompts: list[list[int]], pad_id: int, batch_size: int, new_tokens: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Greedy tokens per second of each model at one batch size: warmup calls, then `repeats` timed calls, the models in turn.
-
-    No stop token, so every call generates the same number of tokens (new_tokens, or fewer where the
-    context ends); the median call time decides. Prefill is included: it is part of answering a prompt.
-    """
-    ids, mask = left_pad(prompts[:batch_size], pad_id)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    made = {}
-    for name, model in models.items():
-        for _ in range(warmup):
-            generate(model, ids, mask, max_new_tokens=new_tokens, temperature=0.0, pad_id=pad_id)
-    for _ in range(repeats):
-        for name, model in models.items():
-            started = time.perf_counter()
-            out = generate(model, ids, mask, max_new_tokens=new_tokens, temperature=0.0, pad_id=pad_id)
-            times[name].append(time.perf_counter() - started)
-            made[name] = out.tokens.numel()
-    return {name: made[name] / statistics.median(t) for name, t in times.items()}
 
 
 def max_logit_diff(a: GPT, b: GPT, vocab_size: int, block_size: int) -> float:

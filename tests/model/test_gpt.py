@@ -13,6 +13,7 @@ VARIANTS = {
     "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu"),
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
     "gqa": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2),
+    "narrow-heads": dict(n_kv_head=2, head_dim=4),  # attention narrower than the residual stream (pruned heads)
 }
 
 
@@ -192,4 +193,12 @@ def test_config_rejects_bad_values():
         GPTConfig(pos_emb="alibi")
     with pytest.raises(ValueError, match="unknown keys"):
         GPTConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ValueError, match="even head size"):
+        GPTConfig(n_embd=32, n_head=2, head_dim=5)
+    # head_dim: optional; the derived width is written as None, so old files (no such key) and new ones agree.
+    assert GPTConfig(n_embd=30, n_head=4, head_dim=6).attn_width == 24
+    assert GPTConfig(n_embd=32, n_head=4, head_dim=8).head_dim is None
+    old = GPTConfig().to_dict()
+    del old["head_dim"]
+    assert GPTConfig.from_dict(old) == GPTConfig()
     assert pad_vocab(2050) == 2112
