@@ -320,6 +320,8 @@ RULES: dict[str, tuple[Any, str]] = {
     "distill.val_prompts": (COUNT, "held-out prompts for val/loss"),
     "distill.batch_size": (COUNT, "prompts per step, per process"),
     "distill.generate_batch_size": (COUNT, "prompts the teacher answers together"),
+    "distill.student_init": (OneOf(("auto", "teacher", "fresh")), "teacher: the teacher pruned to the student's shape; fresh: random weights; auto: teacher where the shapes allow"),
+    "distill.calibration_prompts": (COUNT, "prompts (with the teacher's answers) that choose what the pruned teacher keeps"),
     "distill.bench.batch_sizes": (BATCH_SIZES, "the batch sizes tokens/s is measured at"),
     "distill.bench.new_tokens": (COUNT, "generated per prompt in each timed call"),
     "distill.bench.warmup": (SIZE, "untimed calls per model and batch size"),
@@ -407,8 +409,9 @@ RULES: dict[str, tuple[Any, str]] = {
     "compare.completions": (Number(low=1, integer=True, special=(None,)), "generated completions per online run; null: each method's own iterations"),
 }
 
+DISTILL_ONLY = ("distill.student_init", "distill.calibration_prompts")  # how a fresh student starts: not a recovery's keys
 # stage=prune's recovery (prune.recover) is a distillation with the distill stage's keys: the same rules.
-RULES.update({f"prune.recover.{key[len('distill.'):]}": rule for key, rule in list(RULES.items()) if key.startswith("distill.") and not key.startswith("distill.bench.")})
+RULES.update({f"prune.recover.{key[len('distill.'):]}": rule for key, rule in list(RULES.items()) if key.startswith("distill.") and key not in DISTILL_ONLY and not key.startswith("distill.bench.")})
 
 # Keys whose allowed values Lightning decides (read lazily: they need Lightning's registries).
 LIGHTNING_CHOICES = {"trainer.precision": _precisions, "trainer.accelerator": lambda: _registered("accelerator"), "trainer.strategy": lambda: _registered("strategy")}

@@ -458,6 +458,8 @@ VALUES = [
     ("distill", "distill.val_prompts=0", "distill.val_prompts=0: must be >= 1"),
     ("distill", "distill.batch_size=0", "distill.batch_size=0: must be >= 1"),
     ("distill", "distill.generate_batch_size=0", "distill.generate_batch_size=0: must be >= 1"),
+    ("distill", "distill.student_init=copy", "distill.student_init=copy: must be one of auto, teacher, fresh"),
+    ("distill", "distill.calibration_prompts=0", "distill.calibration_prompts=0: must be >= 1"),
     ("distill", "distill.bench.batch_sizes=[]", "distill.bench.batch_sizes=[]: must be a non-empty list of integers >= 1"),
     ("distill", "distill.bench.new_tokens=0", "distill.bench.new_tokens=0: must be >= 1"),
     ("distill", "distill.bench.warmup=-1", "distill.bench.warmup=-1: must be >= 0"),

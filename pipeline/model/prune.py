@@ -6,6 +6,7 @@ Three steps, each usable alone (the stage is pipeline/stages/prune.py):
     scores = importance(model, "wanda", calib)           # one score per KV group, MLP channel and block
     plan = plan_pruning(model, 0.7, {"heads": 0.3, "channels": 0.7}, scores)
     smaller = apply_plan(model, plan)                    # a new GPT of a smaller GPTConfig
+    plan = plan_for_config(model, student_config, scores)  # or: the kept units for a given smaller shape (stage=distill's start)
 
 The units, and what a score is:
 - a head group: one key/value head with the query heads that read it (n_head / n_kv_head of them; one
@@ -277,17 +278,51 @@ def unit_counts(model: GPT, ratio: float, targets: dict, heads: bool | None = No
     return counts, smaller
 
 
+def _select(model: GPT, scores: Scores, n_layer: int, n_groups: int, n_channels: int, counts: dict) -> Plan:
+    """The n_layer best blocks and, in each, the n_groups best head groups and n_channels best channels, in their order."""
+    top = lambda values, k: sorted(torch.argsort(values, descending=True, stable=True)[:k].tolist())  # noqa: E731
+    kept_blocks = top(scores.blocks, n_layer)
+    groups = [top(scores.groups[b], n_groups) for b in kept_blocks]
+    channels = [top(scores.channels[b], n_channels) for b in kept_blocks]
+    with torch.device("meta"):  # the count only: no memory, no random draws
+        params = GPT(pruned_config(model.config, n_layer, n_groups, n_channels)).num_params()
+    return Plan(kept_blocks, groups, channels, params=params, source_params=model.num_params(), counts=counts)
+
+
 def plan_pruning(model: GPT, ratio: float, targets: dict, scores: Scores, heads: bool | None = None) -> Plan:
     """Which blocks, head groups and channels stay so that num_params() comes to `ratio` of the model's (unit_counts), by score."""
     counts, smaller = unit_counts(model, ratio, targets, heads)
+    return _select(model, scores, smaller.n_layer, smaller.n_kv_head, smaller.mlp_hidden, counts)
+
+
+# Fields a model pruned to another config must share with it: everything but the counts of blocks, heads and channels.
+SHARED_FIELDS = ("vocab_size", "n_embd", "head_size", "pos_emb", "norm", "mlp", "bias", "tie_embeddings", "rope_theta", "norm_eps")
+
+
+def shape_mismatch(source: GPTConfig, target: GPTConfig) -> str | None:
+    """Why `target` is not a part of `source` (None when it is): pruning can only drop blocks, head groups and channels.
+
+    A part has the source's width, head width, vocabulary and architecture, the same queries per
+    key/value head, no more blocks, groups or channels, and (learned positions) the same context.
+    """
+    differ = [f"{k}={getattr(target, k)} (the source's {getattr(source, k)})" for k in SHARED_FIELDS if getattr(target, k) != getattr(source, k)]
+    if target.n_head // target.n_kv_head != source.n_head // source.n_kv_head:
+        differ.append(f"{target.n_head // target.n_kv_head} query heads per key/value head (the source's {source.n_head // source.n_kv_head})")
+    if target.pos_emb == "learned" and target.block_size != source.block_size:
+        differ.append(f"block_size={target.block_size} with learned positions (the source's {source.block_size})")
+    more = [f"{name}={a} (the source has {b})" for name, a, b in (("n_layer", target.n_layer, source.n_layer), ("n_kv_head", target.n_kv_head, source.n_kv_head), ("MLP channels", target.mlp_hidden, source.mlp_hidden)) if a > b]
+    reasons = differ + more
+    return "; ".join(reasons) if reasons else None
+
+
+def plan_for_config(model: GPT, target: GPTConfig, scores: Scores) -> Plan:
+    """Which blocks, head groups and channels stay so that the pruned model has `target`'s shape (shape_mismatch must be None)."""
+    why = shape_mismatch(model.config, target)
+    if why:
+        raise ValueError(f"the target config is not a part of the source model: {why}")
     config = model.config
-    top = lambda values, k: sorted(torch.argsort(values, descending=True, stable=True)[:k].tolist())  # noqa: E731
-    kept_blocks = top(scores.blocks, config.n_layer - counts["blocks"])
-    groups = [top(scores.groups[b], smaller.n_kv_head) for b in kept_blocks]
-    channels = [top(scores.channels[b], smaller.mlp_hidden) for b in kept_blocks]
-    with torch.device("meta"):  # the count only: no memory, no random draws
-        params = GPT(smaller).num_params()
-    return Plan(kept_blocks, groups, channels, params=params, source_params=model.num_params(), counts=counts)
+    counts = {"blocks": config.n_layer - target.n_layer, "heads": config.n_kv_head - target.n_kv_head, "channels": config.mlp_hidden - target.mlp_hidden}
+    return _select(model, scores, target.n_layer, target.n_kv_head, target.mlp_hidden, counts)
 
 
 # ---------------------------------------------------------------------------------------------

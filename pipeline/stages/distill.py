@@ -31,15 +31,16 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig
 
 from pipeline import runs
 from pipeline.data.chat import prompt_ids
-from pipeline.distillation import Prompts, check_pair, distill_prompts, held_out_figures, train_student
+from pipeline.distillation import Prompts, answer, check_pair, distill_prompts, held_out_figures, train_student
 from pipeline.errors import UserError
 from pipeline.evaluate import gold_eval, gold_prompts, speed_figures
 from pipeline.files import read_json, write_json
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT, GPTConfig, prune
 from pipeline.stages import STAGES
 from pipeline.training import finish, is_global_zero, log_table, lora_settings, model_config_from, resume_checkpoint
 
@@ -56,8 +57,39 @@ def load_teacher(cfg: DictConfig, root: Path, run_name: str) -> tuple[GPT, objec
     return teacher.eval(), tokenizer, path
 
 
+def student_init(cfg: DictConfig, teacher: GPT, config: GPTConfig) -> bool:
+    """Whether a fresh student starts as the teacher pruned to its shape (distill.student_init; auto: where its shape is a part of the teacher's)."""
+    init = str(cfg.distill.student_init)
+    why = prune.shape_mismatch(teacher.config, config)
+    if init == "teacher" and why:
+        raise UserError(f"distill.student_init=teacher: the student (model={cfg.model.get('name', '...')}) is not a part of the teacher's shape: {why}; pass distill.student_init=fresh")
+    if init == "auto" and why:
+        log.info("distill: the student starts fresh (its shape is not a part of the teacher's: %s)", why)
+    return init == "teacher" or (init == "auto" and not why)
+
+
+def pruned_teacher(cfg: DictConfig, teacher: GPT, config: GPTConfig, prompts: list[list[int]], tokenizer) -> tuple[GPT, dict]:
+    """The teacher pruned to the student's shape (Minitron's start): blocks by Block Influence, head groups and MLP channels
+    by Wanda, on distill.calibration_prompts training prompts followed by the teacher's greedy answers."""
+    started = time.time()
+    n = min(int(cfg.distill.calibration_prompts), len(prompts))
+    chosen = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(int(cfg.seed) + 1))[:n].tolist()
+    calibration_prompts = [prompts[i] for i in chosen]
+    device = next(teacher.parameters()).device
+    answers = answer(teacher, calibration_prompts, int(cfg.distill.max_new_tokens), 0.0, tokenizer.eos_token_id, tokenizer.pad_token_id, int(cfg.seed), int(cfg.distill.generate_batch_size), device)
+    calibration = prune.calibrate(teacher, [p + a for p, a in zip(calibration_prompts, answers)], tokenizer.pad_token_id)
+    plan = prune.plan_for_config(teacher, config, prune.importance(teacher, "wanda", calibration))
+    with torch.random.fork_rng(devices=[]):
+        student = GPT(config)
+    student.load_state_dict(prune.apply_plan(teacher, plan).state_dict())  # the student's own config (mlp_ratio as given), the kept weights
+    record = {"kept_blocks": plan.blocks, "calibration_tokens": calibration.tokens, "seconds": time.time() - started}
+    log.info("distill: the student starts as the teacher pruned to its shape: blocks %s of %d kept, %d parameters (%.1f s)", plan.blocks, teacher.config.n_layer, student.num_params(), record["seconds"])
+    return student.train(), record
+
+
 def load_student(cfg: DictConfig, root: Path, tokenizer, teacher: GPT, teacher_path: Path) -> tuple[GPT, Path | None]:
-    """(student, the path it starts from or None): init_from= (sharing the teacher's tokenizer), else fresh from cfg.model with the teacher's vocabulary."""
+    """(student, the path it starts from or None): init_from= (sharing the teacher's tokenizer), else a model of cfg.model's config
+    with the teacher's vocabulary, its weights not yet set (student_init decides: the pruned teacher or the fresh draw)."""
     if not cfg.init_from:
         config = model_config_from(cfg.model, len(tokenizer))
         config = GPTConfig.from_dict({**config.to_dict(), "vocab_size": teacher.config.vocab_size, "dropout": 0.0})  # the teacher's rows, even where its vocabulary was padded otherwise
@@ -87,6 +119,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     runs.check_parents(run_dir, parents)
     block = min(student.config.block_size, teacher.config.block_size)
     prompts: Prompts = distill_prompts(cfg, cfg.distill, tokenizer, block, "distill")
+    init = "init_from" if student_path else "fresh"
+    if not student_path and student_init(cfg, teacher, student.config):
+        student, pruning = pruned_teacher(cfg, teacher, student.config, prompts.train, tokenizer)
+        init = "teacher"
     gold = gold_prompts(cfg)
     kl_prompts = [prompt_ids(tokenizer, p) for p in gold] if gold else prompts.held_out[: int(cfg.eval.num_prompts)]
     metrics: dict = {
@@ -96,6 +132,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "init_from": str(student_path) if student_path else None,
         "parents": parents,
         "student/config": student.config.to_dict(),
+        "student/init": init,
+        **({"student/kept_blocks": pruning["kept_blocks"]} if init == "teacher" else {}),
         "params/teacher": teacher.num_params(),
         "params/student": student.num_params(),
         "params/ratio": student.num_params() / teacher.num_params(),

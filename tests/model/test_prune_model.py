@@ -208,3 +208,36 @@ def test_gpt2_export_of_narrow_heads_is_refused_by_name():
     narrow = P.apply_plan(model, P.plan_pruning(model, ratio_removing(model, "heads", 1), {"heads": 1.0}, scores, heads=True))
     with pytest.raises(UserError, match=r"head_dim=8 with n_head=3 and n_embd=32 .* has no GPT-2 counterpart"):
         architecture_of(narrow.config)
+
+
+def test_pruning_to_a_given_shape_keeps_the_function_where_the_dropped_units_compute_nothing():
+    """plan_for_config (stage=distill's start from the teacher): the kept blocks, groups and channels are the ones that matter."""
+    model = model_of("gqa", n_layer=3)
+    with torch.no_grad():  # block 1 passes its input through; in the others, channels 0-9 and head group 1 add nothing
+        for proj in (model.blocks[1].attn.out_proj, model.blocks[1].mlp.down_proj):
+            proj.weight.zero_()
+    for block in (0, 2):
+        zero_group(model, block, 1)
+        for ch in range(10):
+            zero_channel(model, block, ch)
+    c = model.config
+    target = P.GPTConfig.from_dict({**c.to_dict(), "n_layer": 2, "n_head": 2, "n_kv_head": 1, "head_dim": c.head_size, "mlp_ratio": 4.0, "mlp_hidden_size": c.mlp_hidden - 10})
+    assert P.shape_mismatch(c, target) is None
+    plan = P.plan_for_config(model, target, P.importance(model, "wanda", P.calibrate(model, sequences(), pad_id=0)))
+    assert plan.blocks == [0, 2] and plan.groups == [[0], [0]] and plan.channels == [list(range(10, c.mlp_hidden))] * 2
+    assert plan.counts == {"blocks": 1, "heads": 1, "channels": 10}
+    smaller = P.apply_plan(model, plan)
+    assert smaller.num_params() == plan.params and (smaller.config.n_layer, smaller.config.n_kv_head, smaller.config.mlp_hidden) == (2, 1, c.mlp_hidden - 10)
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(probe()), model(probe()), **EXACT)
+
+
+def test_a_shape_that_is_not_a_part_of_the_source_is_named():
+    c = model_of("gqa").config
+    wider = P.GPTConfig.from_dict({**c.to_dict(), "n_embd": 64, "n_layer": 5})
+    why = P.shape_mismatch(c, wider)
+    assert "n_embd=64 (the source's 32)" in why and "n_layer=5 (the source has 3)" in why
+    other_ratio = P.GPTConfig.from_dict({**c.to_dict(), "n_kv_head": 4})
+    assert "1 query heads per key/value head (the source's 2)" in P.shape_mismatch(c, other_ratio)
+    with pytest.raises(ValueError, match="not a part of the source model"):
+        P.plan_for_config(model_of("gqa"), wider, None)

@@ -132,11 +132,12 @@ def test_distill_end_to_end_then_generate_reads_the_student(world):
     root, teacher = world
     run_dir = root / "distill" / "e2e"
     run_pipeline(
-        "stage=distill", *STUDENT, *FAST, "distill.lmbda=0.5", "distill.nll_weight=0.1", "trainer.max_steps=16", "trainer.val_check_interval=8",
+        "stage=distill", *STUDENT, *FAST, "distill.student_init=fresh", "distill.lmbda=0.5", "distill.nll_weight=0.1", "trainer.max_steps=16", "trainer.val_check_interval=8",
         "optim.lr=1e-2", "optim.warmup_steps=0", f"hydra.run.dir={run_dir}", root=root,
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["teacher_from"] == str(teacher / "model.pt") and metrics["init_from"] is None  # the newest ppo run; a fresh student
+    assert metrics["student/init"] == "fresh"
     for key in (
         "gold/teacher", "gold/start", "gold/final", "kl/start", "kl/final", "val/loss", "val/kd", "val/nll", "time/total_s", "perf/tokens_per_s",
         "perf/teacher_tokens_per_s_b1", "perf/student_tokens_per_s_b1", "perf/speedup_b1", "perf/teacher_tokens_per_s_b4", "perf/student_tokens_per_s_b4", "perf/speedup_b4",
@@ -157,6 +158,33 @@ def test_distill_end_to_end_then_generate_reads_the_student(world):
     assert len(rows) == 1 and isinstance(rows[0]["response"], str)
     # An instruction-tuned model (the registry's chat=True for distill): the prompt went through the chat template as a user turn.
     assert rows[0]["prompt"] == [{"role": "user", "content": "Spell hill letter by letter"}]
+
+
+def test_a_student_starts_as_the_teacher_pruned_to_its_shape(world, tokenizer, tmp_path):
+    """student_init=teacher: a teacher whose block 1 and MLP channels 64-127 compute nothing, pruned to the student's shape
+    (1 block, 64 channels: conf/model/student.yaml's mlp_ratio 2), is the teacher exactly: KL 0 and the same gold score."""
+    source, _ = world
+    root = tmp_path / "outputs"
+    root.mkdir()
+    (root / "cache").symlink_to(source / "cache", target_is_directory=True)
+    model = tiny_model(seed=3, block_size=BLOCK)
+    with torch.no_grad():
+        model.blocks[1].attn.out_proj.weight.zero_()
+        model.blocks[1].mlp.down_proj.weight.zero_()
+        hidden = model.config.mlp_hidden
+        model.blocks[0].mlp.up_proj.weight[list(range(64, hidden)) + list(range(hidden + 64, 2 * hidden))] = 0
+        model.blocks[0].mlp.down_proj.weight[:, 64:] = 0
+    teacher = finished_run(root, "ppo", "zeroed", model, tokenizer)
+    run_dir = root / "distill" / "pruned"
+    run_pipeline("stage=distill", *STUDENT, *FAST, "distill.student_init=teacher", "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}", root=root)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["teacher_from"] == str(teacher / "model.pt") and metrics["student/init"] == "teacher" and metrics["student/kept_blocks"] == [0]
+    assert metrics["student/config"]["mlp_ratio"] == 2.0 and metrics["student/config"]["n_layer"] == 1
+    assert metrics["kl/start"] < 1e-4 and metrics["gold/start"] == metrics["gold/teacher"]
+
+    # A student wider than the teacher is not a part of it: student_init=teacher names why; auto starts it fresh.
+    refused = run_pipeline("stage=distill", *STUDENT, "model.n_embd=64", *FAST, "distill.student_init=teacher", f"hydra.run.dir={root / 'distill' / 'wide'}", root=root, check=False)
+    assert refused.returncode == 2 and "distill.student_init=teacher" in refused.stderr and "n_embd=64 (the source's 32)" in refused.stderr, refused.stderr[-2000:]
 
 
 # -- resume after SIGKILL: one command under two roots, one left alone, one killed and run again ---------------
