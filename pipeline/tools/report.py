@@ -4,7 +4,8 @@
     python -m pipeline.tools.report outputs                  # the newest pipeline run under an outputs root
 
 `python -m pipeline` writes it at the end of the run, into its own run directory (<root>/all/<name>/):
-report.md, loss.png, ppo.png and overoptimisation.png. Everything is read from the stage runs'
+report.md, loss.png, ppo.png and overoptimisation.png, and compression.png when distill, prune or
+quantize runs were made from the pipeline's final policy. Everything is read from the stage runs'
 metrics.json and history.jsonl; the side-by-side answers are generated here (greedy, the embedded
 task's held-out prompts, scored by the gold judge).
 """
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 PIPELINE_DIR = RECIPE_RUNNER  # `python -m pipeline` is stage=all: its own run directory is <root>/all/<name>
+TEACHER_STAGES = STAGES["distill"].inputs["teacher_from"]  # the policies a model is compressed from
+# The compressing stages and the keys of their metrics.json: the model it was made from, the parameter counts (the
+# compressed model's, then its source's), the compressed model's gold score, and the names of the two models in
+# perf/<name>_tokens_per_s_b<B> (the source, then the compressed model; both timed in the run, in turn).
+COMPRESSION_KEYS = {
+    "distill": {"from": "teacher_from", "params": ("params/student", "params/teacher"), "gold": "gold/final", "speed": ("teacher", "student")},
+    "prune": {"from": "source", "params": ("params/pruned", "params/source"), "gold": "gold/final", "speed": ("source", "pruned")},
+    "quantize": {"from": "source", "params": ("model/params", "model/params"), "gold": "gold/quant", "speed": ("float", "quant")},
+}
+_SPEEDUP = re.compile(r"perf/speedup_b(\d+)$")
 
 
 def locate(path: Path) -> tuple[Path, str]:
@@ -227,6 +238,146 @@ def _as_iterations(steps: list[int]) -> list[int]:
     return [s + 1 for s in steps]
 
 
+def final_policy(root: Path, name: str, metrics: dict[str, dict]) -> str | None:
+    """The pipeline run's final policy: the recipe's last finished stage among those a model is compressed from."""
+    return next((s for s in reversed(list(metrics)) if s in TEACHER_STAGES and runs.is_finished(root / s / name)), None)
+
+
+def _run_dir(path: str) -> Path:
+    """A run directory or its model.pt, as the resolved run directory (relative paths are the stages' own: from the cwd)."""
+    path = Path(path)
+    return (path.parent if path.name == runs.MODEL_FILE else path).resolve()
+
+
+def _file_mb(run_dir: Path) -> float | None:
+    """The size of the run's model.pt in MB (what generate and serve load), or None when it has none."""
+    file = run_dir / runs.MODEL_FILE
+    return file.stat().st_size / 1e6 if file.is_file() else None
+
+
+def compression_models(root: Path, name: str, metrics: dict[str, dict]) -> list[dict]:
+    """The final policy (the teacher) and every finished distill, prune and quantize run made from it, teacher first.
+
+    A run belongs here when the path it names as its teacher or source resolves to the teacher's run directory,
+    whatever the run's own name. Each entry: model (its label), params, mb (model.pt size), tokens and speedup
+    ({batch size: tokens/s, and the ratio to the teacher measured in the same run}), gold, kept (the share of the
+    teacher's gold gain over the pretrained model, sft's gold/start, that it keeps) and kl (to the teacher).
+    Empty when there is no teacher or nothing was made from it.
+    """
+    stage = final_policy(root, name, metrics)
+    if stage is None:
+        return []
+    teacher_dir = (root / stage / name).resolve()
+    found = []
+    for kind, keys in COMPRESSION_KEYS.items():
+        for run_dir in sorted(d for d in (root / kind).glob("*") if runs.is_finished(d)):
+            m = read_json(run_dir / runs.METRICS_FILE)
+            if m.get(keys["from"]) and _run_dir(m[keys["from"]]) == teacher_dir:
+                found.append((kind, run_dir, m))
+    if not found:
+        return []
+    batches = sorted({int(b.group(1)) for _, _, m in found for b in map(_SPEEDUP.match, m) if b})
+    teacher_gold = metrics[stage].get("gold/final")
+    baseline = metrics.get("sft", {}).get("gold/start")
+
+    def kept(gold: float | None) -> float | None:
+        if gold is None or teacher_gold is None or baseline is None or teacher_gold == baseline:
+            return None
+        return (gold - baseline) / (teacher_gold - baseline)
+
+    def first(key_of):
+        """The teacher's figure from the first compressed run that measured it (key_of: a stage's key for it)."""
+        return next((m[key_of(kind)] for kind, _, m in found if key_of(kind) in m), None)
+
+    teacher = {
+        "model": f"teacher ({stage}/{name})",
+        "params": first(lambda kind: COMPRESSION_KEYS[kind]["params"][1]),
+        "mb": _file_mb(teacher_dir),
+        "tokens": {b: first(lambda kind: f"perf/{COMPRESSION_KEYS[kind]['speed'][0]}_tokens_per_s_b{b}") for b in batches},
+        "speedup": {b: 1.0 for b in batches},
+        "gold": teacher_gold,
+        "kept": kept(teacher_gold),
+        "kl": None,
+    }
+    models = [teacher]
+    for kind, run_dir, m in found:
+        keys = COMPRESSION_KEYS[kind]
+        label = f"{kind}/{run_dir.name}"
+        if kind == "prune":
+            label += f" ({m.get('method')}, {fmt(m.get('prune/target_ratio'), 2)})"
+        elif kind == "quantize":
+            label += f" ({m.get('method')})"
+        models.append({
+            "model": label,
+            "params": m.get(keys["params"][0]),
+            "mb": _file_mb(run_dir),
+            "tokens": {b: m.get(f"perf/{keys['speed'][1]}_tokens_per_s_b{b}") for b in batches},
+            "speedup": {b: m.get(f"perf/speedup_b{b}") for b in batches},
+            "gold": m.get(keys["gold"]),
+            "kept": kept(m.get(keys["gold"])),
+            "kl": m.get("kl/final"),
+        })
+    return models
+
+
+def compression_table(models: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The compression table: a row per model of compression_models, its batch sizes taken from the entries."""
+    batches = list(models[0]["speedup"])
+    columns = [
+        "model", "parameters", "model.pt (MB)",
+        *(f"tokens/s b{b}" for b in batches), *(f"speed x teacher b{b}" for b in batches),
+        "gold", "gold gain kept", "KL to teacher",
+    ]
+    rows = [
+        [
+            m["model"], fmt(m["params"]), fmt(m["mb"], 2),
+            *(fmt(m["tokens"][b], 0) for b in batches), *(fmt(m["speedup"][b], 2) for b in batches),
+            fmt(m["gold"]), fmt(m["kept"], 2), fmt(m["kl"]),
+        ]
+        for m in models
+    ]
+    return columns, rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (at least as good in both, better in one), by x."""
+
+    def beaten(p) -> bool:
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)
+
+    return sorted({p for p in points if not beaten(p)})
+
+
+def plot_compression(models: list[dict], out: Path) -> Path | None:
+    """Gold score against speed relative to the teacher at the smallest batch size, each model labelled, the Pareto front joined.
+
+    The x axis is each run's in-run ratio (both models timed in the same process, in turn), not absolute tokens/s,
+    which move with the machine's load between runs; the teacher sits at x = 1.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = min(models[0]["speedup"], default=None)
+    points = [(m["speedup"][batch], m["gold"], m["model"]) for m in models if batch is not None and m["speedup"][batch] is not None and m["gold"] is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], zorder=3)
+    for x, y, label in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front([(x, y) for x, y, _ in points])
+    ax.plot([x for x, _ in front], [y for _, y in front], linestyle="--", color="grey", label="Pareto front", zorder=2)
+    ax.margins(x=0.25, y=0.1)  # room for the labels of the outermost points
+    ax.set_xlabel(f"tokens/s relative to the teacher at batch {batch} (measured in the same run)")
+    ax.set_ylabel("gold score")
+    ax.set_title("compression: gold score against speed")
+    ax.legend(fontsize=8)
+    save_figure(fig, out)
+    return out
+
+
 def side_by_side(root: Path, name: str, n_prompts: int, max_new_tokens: int) -> tuple[list[str], list[list[str]], dict[str, float]]:
     """The same held-out prompts answered greedily by each finished policy, with gold scores."""
     import torch
@@ -274,6 +425,9 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
         titles = (f"{stage.upper()}: reward and KL over iterations", f"{stage.upper()}: reward over-optimisation, gold and proxy reward against KL")
         plots += list(zip(titles, plot_online_rl(root, name, stage, m, out_dir / f"{stage}.png", overopt)))
     answer_columns, answer_rows, means = side_by_side(root, name, n_prompts, max_new_tokens)
+    compressed = compression_models(root, name, metrics)
+    compression = compression_table(compressed) if compressed else None
+    compression_plot = plot_compression(compressed, out_dir / "compression.png") if compressed else None
 
     parts = [
         f"# Pipeline report: {name}",
@@ -299,16 +453,34 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
             markdown_table(answer_columns, answer_rows),
             "",
         ]
+    if compression:
+        parts += [
+            "## Compression",
+            "",
+            "The pipeline's final policy (the teacher, first row) and the models made smaller from it: parameters, "
+            "model.pt size, tokens/s generating at each batch size, the same speed relative to the teacher, gold score, the share of "
+            "the teacher's gold gain over the pretrained model (sft's gold/start) kept, and KL to the teacher (nats per answer). "
+            "Each speed ratio is measured in one process, the two models in turn, so it survives a noisy machine; "
+            "the absolute tokens/s do not compare across runs.",
+            "",
+            markdown_table(*compression),
+            "",
+        ]
+        if compression_plot:
+            parts += [f"![Compression: gold score against speed]({compression_plot.name})", ""]
     report = out_dir / REPORT_FILE
     atomic_write_bytes(report, "\n".join(parts).encode())
     log.info("report written to %s", report)
     if wandb_project:
-        log_to_wandb(wandb_project, wandb_entity, wandb_group or f"pipeline-{name}", name, columns, rows, answer_columns, answer_rows, plots, out_dir)
+        log_to_wandb(wandb_project, wandb_entity, wandb_group or f"pipeline-{name}", name, columns, rows, answer_columns, answer_rows, plots, out_dir, compression, compression_plot)
     return report
 
 
-def log_to_wandb(project: str, entity: str | None, group: str, name: str, columns, rows, answer_columns, answer_rows, plots, out_dir: Path) -> None:
-    """The report as a W&B run of the pipeline's group (job type 'report'): the tables and the plots."""
+def log_to_wandb(project: str, entity: str | None, group: str, name: str, columns, rows, answer_columns, answer_rows, plots, out_dir: Path, compression=None, compression_plot: Path | None = None) -> None:
+    """The report as a W&B run of the pipeline's group (job type 'report'): the tables and the plots.
+
+    compression: the compression table's (columns, rows), or None; its plot is report/compression_plot, beside the table's key.
+    """
     import wandb
 
     from pipeline.training import wandb_mode
@@ -318,6 +490,10 @@ def log_to_wandb(project: str, entity: str | None, group: str, name: str, column
         payload = {"report/figures": wandb.Table(columns=columns, data=rows)}
         if answer_rows:
             payload["report/answers"] = wandb.Table(columns=answer_columns, data=answer_rows)
+        if compression:
+            payload["report/compression"] = wandb.Table(columns=compression[0], data=compression[1])
+        if compression_plot:
+            payload["report/compression_plot"] = wandb.Image(str(compression_plot), caption="Compression: gold score against speed")
         for title, file in plots:
             payload[f"report/{file.stem}"] = wandb.Image(str(file), caption=title)
         run.log(payload)
