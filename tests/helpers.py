@@ -7,8 +7,10 @@ the architecture table build the small models and finished stage runs that the e
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +57,19 @@ def start_pipeline(args: list[str], root: Path) -> subprocess.Popen:
     env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
     with (root / "stderr.txt").open("w") as err:
         return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def kill_when(proc: subprocess.Popen, reached, stderr: Path, timeout: float = 300) -> None:
+    """SIGKILL proc (started by start_pipeline) as soon as reached() is true; fail, with the end of its stderr, if it ends first or time runs out."""
+    deadline = time.time() + timeout
+    try:
+        while not reached():
+            assert proc.poll() is None, f"the run ended before it could be killed:\n{stderr.read_text()[-4000:]}"
+            assert time.time() < deadline, "no checkpoint appeared before the deadline"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def checkpoint_step(run_dir: Path) -> int:

@@ -7,12 +7,7 @@ schedule come back from last.ckpt; the resumed run's per-step losses equal an un
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pydoc_data.topics import topics
 
-from helpers import REPO, TINY, run_pipeline
+from helpers import TINY, kill_when, run_pipeline, start_pipeline
 from pipeline.data.samplers import GroupedSampler, ResumableSampler, ShuffledSampler
 from pipeline.training import Batches, ExactResume, history_series, read_history
 
@@ -159,29 +154,14 @@ def saved_step(root: Path, stage: str) -> int | None:
     return None
 
 
-def start(args: list[str], root: Path) -> subprocess.Popen:
-    """`python -m pipeline ARGS` in the background, its stderr in root/stderr.txt (a pipe nobody reads would fill and block it)."""
-    env = {**os.environ, "PIPELINE_OUTPUTS": str(root), "WANDB_MODE": "offline"}
-    with (root / "stderr.txt").open("w") as err:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-
-
 def stderr_of(root: Path) -> str:
     return (root / "stderr.txt").read_text()[-5000:]
 
 
 def killed_and_rerun(args: list[str], root: Path, stage: str) -> dict:
     """Run the command, SIGKILL it once last.ckpt holds step KILL_AFTER or later, run it again; the checkpoint resumed from."""
-    proc = start(args, root)
-    deadline = time.time() + 300
-    try:
-        while (saved_step(root, stage) or 0) < KILL_AFTER:
-            assert proc.poll() is None, f"the run ended before it could be killed:\n{stderr_of(root)}"
-            assert time.time() < deadline, "no checkpoint appeared before the deadline"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = start_pipeline(args, root)
+    kill_when(proc, lambda: (saved_step(root, stage) or 0) >= KILL_AFTER, root / "stderr.txt")
     run_dir = stage_run(root, stage)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert KILL_AFTER <= checkpoint["global_step"] < STEPS and not (run_dir / "metrics.json").exists()
@@ -197,7 +177,7 @@ def both(tmp_path_factory, stage: str, args: list[str]) -> tuple[Path, Path, dic
     The uninterrupted run goes on beside the killed one: CPU results do not depend on what else runs.
     """
     whole, killed = tmp_path_factory.mktemp(f"{stage}_whole"), tmp_path_factory.mktemp(f"{stage}_killed")
-    proc = start(args, whole)
+    proc = start_pipeline(args, whole)
     try:
         checkpoint = killed_and_rerun(args, killed, stage)
     finally:

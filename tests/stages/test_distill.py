@@ -9,13 +9,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
-import time
 
 import pytest
 import torch
 
-from helpers import checkpoint_step, finished_run, run_pipeline, start_pipeline, tiny_model
+from helpers import checkpoint_step, finished_run, kill_when, run_pipeline, start_pipeline, tiny_model
 from pipeline.data.chat import prompt_ids
 from pipeline.data.corpus import embedded_task_dir, materialize
 from pipeline.distillation import TEACHER_ANSWERS, DistillCollator, DistillModule, teacher_answers
@@ -206,15 +204,7 @@ def test_distill_resumes_exactly_after_a_kill(world, tmp_path):
     whole = start_pipeline(command(roots["whole"]), roots["whole"])
     killed = start_pipeline(command(roots["killed"]), roots["killed"])
     run_dir = roots["killed"] / "distill" / "run"
-    deadline = time.time() + 300
-    try:
-        while checkpoint_step(run_dir) < KILL_AFTER:
-            assert killed.poll() is None, f"the run ended before it could be killed:\n{(roots['killed'] / 'stderr.txt').read_text()[-4000:]}"
-            assert time.time() < deadline, "no checkpoint appeared before the deadline"
-            time.sleep(0.05)
-    finally:
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+    kill_when(killed, lambda: checkpoint_step(run_dir) >= KILL_AFTER, roots["killed"] / "stderr.txt")
     step = checkpoint_step(run_dir)
     assert KILL_AFTER <= step < STEPS and not (run_dir / "metrics.json").exists()
     assert (run_dir / TEACHER_ANSWERS).is_file() and (run_dir / "distill_start.json").is_file()

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import ARCHS, checkpoint_step, finished_run, run_pipeline, start_pipeline, tiny_model
+from helpers import ARCHS, checkpoint_step, finished_run, kill_when, run_pipeline, start_pipeline, tiny_model
 from pipeline import runs
 from pipeline.data.corpus import embedded_task_dir, materialize
 from pipeline.model import GPT
@@ -133,15 +131,7 @@ def test_prune_resumes_after_a_kill_mid_recovery(world, tmp_path):
     whole = start_pipeline(command(roots["whole"]), roots["whole"])
     killed = start_pipeline(command(roots["killed"]), roots["killed"])
     run_dir = roots["killed"] / "prune" / "run"
-    deadline = time.time() + 300
-    try:
-        while checkpoint_step(run_dir) < KILL_AFTER:
-            assert killed.poll() is None, f"the run ended before it could be killed:\n{(roots['killed'] / 'stderr.txt').read_text()[-4000:]}"
-            assert time.time() < deadline, "no checkpoint appeared before the deadline"
-            time.sleep(0.05)
-    finally:
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+    kill_when(killed, lambda: checkpoint_step(run_dir) >= KILL_AFTER, roots["killed"] / "stderr.txt")
     assert KILL_AFTER <= checkpoint_step(run_dir) < STEPS and not (run_dir / "metrics.json").exists()
     assert (run_dir / prune_stage.PRUNED_FILE).is_file() and (run_dir / prune_stage.START_FILE).is_file()
     resumed = run_pipeline(*command(roots["killed"]), root=roots["killed"])
