@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import CONF_DIR, console, runs
 from pipeline.errors import UserError
-from pipeline.files import read_json
+from pipeline.files import read_json, write_json
 from pipeline.stages import RECIPE_RUNNER, STAGES, training_stages
 
 log = logging.getLogger("pipeline")
@@ -38,8 +39,10 @@ def objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 
 def run_stage(cfg: DictConfig) -> float | None:
+    from pipeline import timing
     from pipeline.training import is_global_zero
 
+    timing.mark_run_start()  # what came before (imports, composition, checks) is the run's start-up
     run_dir = Path(cfg.paths.run_dir)
     if runs.is_finished(run_dir) and not cfg.rerun:
         metrics = read_json(run_dir / runs.METRICS_FILE)
@@ -128,11 +131,14 @@ def run_recipe(cfg: DictConfig) -> None:
     done: dict[str, Path] = {}
     user_inputs = {key: cfg.get(key) for key in inputs}  # what the command named: the fallback where the recipe trains no parent
     env = {**os.environ, "PIPELINE_GROUP": f"pipeline-{name}"}
+    wall: dict[str, float] = {}  # each stage process's wall time: the report's time breakdown (timing.json)
     for stage in cfg.recipe.stages:
         stage_dir = root / stage / name
         own = list((cfg.recipe.get("overrides") or {}).get(stage) or [])
         command = [sys.executable, "-m", "pipeline", f"stage={stage}", *overrides_for(stage, passed), *own, f"hydra.run.dir={stage_dir}"]
+        started = time.perf_counter()
         run_child(stage, command + parent_overrides(stage, done, user_inputs), env)
+        wall[stage] = time.perf_counter() - started
         done[stage] = stage_dir
     if methods is not None:
         from pipeline.tools.compare import write_comparison
@@ -145,8 +151,11 @@ def run_recipe(cfg: DictConfig) -> None:
     log.info("pipeline finished: runs under %s/*/%s", root, name)
     if not done:  # a comparison of the user's own SFT and reward models (recipe.stages=[]): compare.md is the report
         return
-    from pipeline.tools.report import write_report
+    from pipeline.tools.report import TIMING_FILE, write_report
 
+    timing_file = Path(cfg.paths.run_dir) / TIMING_FILE
+    write_json(timing_file, {"stages": wall})
+    started = time.perf_counter()
     use_wandb = cfg.logger.name == "wandb"
     report = write_report(
         Path(cfg.paths.run_dir),
@@ -155,7 +164,8 @@ def run_recipe(cfg: DictConfig) -> None:
         wandb_entity=cfg.logger.entity if use_wandb else None,
         wandb_group=cfg.logger.group if use_wandb else None,  # null: pipeline-<name>, the stages' group
     )
-    log.info("report: %s", report)
+    write_json(timing_file, {"stages": wall, "report": time.perf_counter() - started})
+    log.info("report: %s (%.1f s; the stages took %.1f s)", report, time.perf_counter() - started, sum(wall.values()))
 
 
 # An absolute path: the installed copy of the configs or the checkout's conf/ (pipeline/__init__.py).

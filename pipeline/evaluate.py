@@ -19,11 +19,13 @@ from pipeline.data.chat import prompt_ids, prompt_text
 from pipeline.losses.distill import sequence_kl
 from pipeline.model import GPT, Generation, generate, left_pad
 from pipeline.tasks import default_task
+from pipeline.timing import timed
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+@timed("eval")
 def complete(
     model: GPT,
     tokenizer,
@@ -58,6 +60,7 @@ def complete(
     return answers
 
 
+@timed("eval")
 def gold_eval(model: GPT, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 32) -> tuple[float, list[dict]]:
     """Mean gold-judge score of greedy answers to held-out prompts, and the rows (prompt, answer, score)."""
     gold_score = default_task().gold_score
@@ -89,6 +92,7 @@ def gold_prompts(cfg) -> list | None:
 
 
 @torch.no_grad()
+@timed("eval")
 def sampled_kl(
     policy: GPT,
     reference: GPT,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from pipeline.errors import UserError
+from pipeline.timing import timed
 
 if TYPE_CHECKING:  # transformers is imported where it is used: it takes most of a second
     from transformers import PreTrainedTokenizerFast
@@ -162,6 +163,7 @@ def _cache_key(key: str, vocab_size: int) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+@timed("data")
 def cached_tokenizer(
     cache_dir: str | Path, key: str, texts_fn: Callable[[], Iterable[str]], vocab_size: int
 ) -> PreTrainedTokenizerFast:

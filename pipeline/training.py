@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from pipeline import runs
+from pipeline import runs, timing
 from pipeline.data.samplers import GroupedSampler, ResumableSampler, ShuffledSampler
 from pipeline.errors import UserError
 from pipeline.files import read_json, write_json
@@ -257,6 +257,45 @@ class Throughput(Callback):
         return out
 
 
+class PhaseTimer(Callback):
+    """trainer.fit split into `train steps` (each batch: forward, backward, optimiser step), `validation` (its loops,
+    the sanity check included), `checkpoints` (trainer.save_checkpoint) and `fit` (the rest of the loop)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        save = trainer.save_checkpoint
+        if not getattr(save, "_timed", False):
+            wrapped = timing.timed("checkpoints")(save)
+            wrapped._timed = True
+            trainer.save_checkpoint = wrapped  # ModelCheckpoint writes through it
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        timing.CLOCK.enter("fit")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        timing.CLOCK.leave("fit")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        timing.CLOCK.enter("train steps")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        timing.CLOCK.leave("train steps")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        timing.CLOCK.enter("validation")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        timing.CLOCK.leave("validation")
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        timing.CLOCK.enter("validation")
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        timing.CLOCK.leave("validation")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        timing.CLOCK.leave("fit")
+
+
 def device_peak_flops(dtype: torch.dtype = torch.bfloat16) -> float | None:
     """Peak dense FLOP/s of this GPU at dtype, from Lightning's table (None on a CPU or a GPU it does not know)."""
     if not torch.cuda.is_available():
@@ -441,7 +480,8 @@ def build_trainer(
         enable_version_counter=False,
     )
     # Every stage run writes run_dir/memory.json: parameter, gradient and optimiser bytes, peak memory, step time.
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), MemoryFigures(run_dir / MEMORY_FILE), *callbacks]
+    # PhaseTimer: where the fit's time goes (pipeline/timing.py), into metrics.json's time/phases.
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), MemoryFigures(run_dir / MEMORY_FILE), PhaseTimer(), *callbacks]
     logger = make_logger(cfg, run_dir, parents)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
@@ -513,13 +553,16 @@ def finish(
     the stage model.pt records, where it is not this one (stage=prune keeps its source's: generate and serve
     send chat prompts to a model by it).
     """
-    save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
-    lora = runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=model_stage or stage, extra=extra, base=base)  # base: a LoRA model's
-    logger = trainer.logger
-    if logger is not None:
-        logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-    metadata = metrics if lora is None else {**metrics, "lora": lora}  # an adapter: its base (path, weights digest) and settings, as in model.pt
-    log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metadata)
+    with timing.phase("finish"):
+        save_tokenizer(tokenizer, run_dir / runs.TOKENIZER_DIR)
+        lora = runs.save_model(run_dir / runs.MODEL_FILE, model, kind=kind, stage=model_stage or stage, extra=extra, base=base)  # base: a LoRA model's
+        logger = trainer.logger
+        if logger is not None:
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        metadata = metrics if lora is None else {**metrics, "lora": lora}  # an adapter: its base (path, weights digest) and settings, as in model.pt
+        log_model_artifact(logger, run_dir / runs.MODEL_FILE, model_artifact_name(stage, run_dir), kind="model", metadata=metadata)
+    # Where this run's time went, up to here (pipeline/timing.py); W&B's closing sync and the process exit come after.
+    metrics["time/phases"] = timing.breakdown()
     write_json(run_dir / runs.METRICS_FILE, metrics)
     if logger is not None:
         logger.finalize("success")

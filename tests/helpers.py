@@ -59,6 +59,17 @@ def start_pipeline(args: list[str], root: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
+def roots_sharing(source: Path, where: Path, names: tuple[str, ...], parts: tuple[str, ...] = ("ppo", "cache")) -> dict[str, Path]:
+    """Fresh outputs roots under `where`, one per name, each seeing `parts` of the `source` root (finished runs, the data cache) through links."""
+    roots = {}
+    for name in names:
+        roots[name] = where / name
+        roots[name].mkdir()
+        for part in parts:
+            (roots[name] / part).symlink_to(source / part, target_is_directory=True)
+    return roots
+
+
 def kill_when(proc: subprocess.Popen, reached, stderr: Path, timeout: float = 300) -> None:
     """SIGKILL proc (started by start_pipeline) as soon as reached() is true; fail, with the end of its stderr, if it ends first or time runs out."""
     deadline = time.time() + timeout

@@ -83,13 +83,23 @@ def assert_report(pipeline_dir, metrics):
     import matplotlib.image
 
     report = (pipeline_dir / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if re.match(r"\| (pretrain|sft|reward|ppo) \|", line)}
+    figures = report[report.index("## Figures") : report.index("## Where the time went")]
+    rows = {line.split("|")[1].strip(): line for line in figures.splitlines() if re.match(r"\| (pretrain|sft|reward|ppo) \|", line)}
     assert set(rows) == {"pretrain", "sft", "reward", "ppo"}, report
     assert f"val loss {metrics['pretrain']['val/loss']:.3f}" in rows["pretrain"]
     assert f"gold score {metrics['sft']['gold/start']:.3f} -> {metrics['sft']['gold/final']:.3f}" in rows["sft"]
     assert f"test accuracy {metrics['reward']['test/accuracy']:.3f}, against the gold judge {metrics['reward']['test/accuracy_gold']:.3f}" in rows["reward"]
     assert f"KL {metrics['ppo']['final/kl']:.3f}" in rows["ppo"] and "2 iterations" in rows["ppo"]
     assert all(re.search(r"\| [\d,.]+ \| [\d,.]+( \(generation\))? \|$", row) for row in rows.values()), rows  # time and tokens/s
+    # Where the time went: each stage process's wall time (the runner's timing.json) beside the phases it timed itself.
+    timing = json.loads((pipeline_dir / "timing.json").read_text())
+    assert set(timing["stages"]) == {"pretrain", "sft", "reward", "ppo"} and timing["report"] > 0
+    times = report[report.index("## Where the time went") : report.index("## Curves")]
+    for stage, wall in timing["stages"].items():
+        phases = metrics[stage]["time/phases"]
+        assert wall > sum(phases.values()) and phases["train steps"] > 0, (stage, wall, phases)
+        assert f"| {stage} | {wall:.1f} | {phases['start']:.1f} |" in times, times
+    assert "| all |" in times
     for png in ("loss.png", "ppo.png", "overoptimisation.png"):
         assert f"]({png})" in report
         assert (pipeline_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,6 +18,7 @@ from typing import Iterator
 from pipeline.data.loading import load_stage_data, validate_rows
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_bytes
+from pipeline.timing import timed
 
 EMBEDDED_CORPUS = "embedded/pretrain-v2"  # bump the version when the corpus builder changes
 CORPUS_MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries
@@ -119,6 +120,7 @@ def embedded_task_dir(cache_dir: Path, kind: str) -> Path:
     return Path(cache_dir) / f"embedded/task-{default_task().VERSION}/{kind}"
 
 
+@timed("data")
 def embedded_task(cache_dir: Path, kind: str) -> Path:
     """The embedded instruction task's files of one kind (sft, preference, prompts), written on first use.
 
@@ -135,6 +137,7 @@ def embedded_task(cache_dir: Path, kind: str) -> Path:
     return directory
 
 
+@timed("data")
 def load_corpus(cfg) -> tuple[object, str]:
     """The pretraining text (`data.path`, else the embedded corpus) as a DatasetDict (train/validation) and a name for messages."""
     default = None if cfg.data.path else materialize(embedded_corpus_rows(seed=0), Path(cfg.paths.cache_dir) / EMBEDDED_CORPUS)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from pipeline.errors import UserError
+from pipeline.timing import timed
 
 if TYPE_CHECKING:  # datasets is imported where it is used: importing it takes most of a second
     import datasets
@@ -547,6 +548,7 @@ def datasets_cache(cfg) -> str:
     return str(Path(cfg.paths.cache_dir) / "datasets")
 
 
+@timed("data")
 def load_stage_data(cfg, stage: str, kinds: Iterable[str], default):
     """A stage's data: `data.path` (else `default`), its columns renamed by `data.columns`, split, in one of `kinds`.
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.data.loading import _column_list
 from pipeline.errors import UserError
+from pipeline.timing import timed
 
 if TYPE_CHECKING:
     import datasets
@@ -28,6 +29,7 @@ def _pack_fingerprint(ds, tokenizer, width: int) -> str:
     return digest.hexdigest()[:32]
 
 
+@timed("data")
 def tokenize_and_pack(ds: datasets.Dataset, tokenizer, block_size: int, num_proc: int = 1) -> datasets.Dataset:
     """Documents as BOS + ids + EOS, concatenated and cut into `input_ids` rows of block_size + 1 tokens.
 

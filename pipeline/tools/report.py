@@ -29,6 +29,7 @@ from pipeline.training import HISTORY_FILE, history_series, read_history
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
+TIMING_FILE = "timing.json"  # the recipe runner's wall time of each stage process (pipeline/__main__.py)
 PIPELINE_DIR = RECIPE_RUNNER  # `python -m pipeline` is stage=all: its own run directory is <root>/all/<name>
 TEACHER_STAGES = STAGES["distill"].inputs["teacher_from"]  # the policies a model is compressed from
 # The compressing stages and the keys of their metrics.json: the model it was made from, the parameter counts (the
@@ -125,6 +126,32 @@ def figures_table(metrics: dict[str, dict], stages: list[str]) -> tuple[list[str
         if spec.speed != "perf/tokens_per_s":  # PPO's throughput is that of its rollouts (generated tokens)
             speed += " (generation)"
         rows.append([stage, headline(stage, m), steps, fmt(m.get("time/total_s"), 1), speed])
+    return columns, rows
+
+
+def time_table(root: Path, name: str, metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]] | None:
+    """Where each stage's wall time went (seconds): its process's wall time (the recipe runner's timing.json) and the
+    phases the run timed itself (metrics.json's time/phases, pipeline/timing.py); None when no stage has them.
+
+    `after` is what the process spent once metrics.json was written (W&B's closing sync, exit): its wall time less the phases.
+    """
+    from pipeline.timing import PHASES
+
+    timed = {stage: m["time/phases"] for stage, m in metrics.items() if isinstance(m.get("time/phases"), dict)}
+    if not timed:
+        return None
+    file = root / PIPELINE_DIR / name / TIMING_FILE
+    wall = read_json(file).get("stages", {}) if file.is_file() else {}
+    names = [*PHASES, *sorted({k for p in timed.values() for k in p} - set(PHASES))]
+    columns = ["stage", "wall", *names, "after"]
+    rows, totals = [], [0.0] * (len(names) + 2)
+    for stage, phases in timed.items():
+        values = [wall.get(stage), *(phases.get(k, 0.0) for k in names)]
+        values.append(values[0] - sum(phases.values()) if values[0] is not None else None)
+        rows.append([stage, *(fmt(v, 1) for v in values)])
+        totals = [t + (v or 0.0) for t, v in zip(totals, values)]
+    if len(rows) > 1:
+        rows.append(["all", *(fmt(t, 1) if i or wall else "-" for i, t in enumerate(totals))])
     return columns, rows
 
 
@@ -425,6 +452,7 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
         titles = (f"{stage.upper()}: reward and KL over iterations", f"{stage.upper()}: reward over-optimisation, gold and proxy reward against KL")
         plots += list(zip(titles, plot_online_rl(root, name, stage, m, out_dir / f"{stage}.png", overopt)))
     answer_columns, answer_rows, means = side_by_side(root, name, n_prompts, max_new_tokens)
+    times = time_table(root, name, metrics)
     compressed = compression_models(root, name, metrics)
     compression = compression_table(compressed) if compressed else None
     compression_plot = plot_compression(compressed, out_dir / "compression.png") if compressed else None
@@ -439,6 +467,21 @@ def write_report(path: Path, *, n_prompts: int = 8, max_new_tokens: int = 48, wa
         markdown_table(columns, rows),
         "",
     ]
+    if times:
+        parts += [
+            "## Where the time went",
+            "",
+            "Seconds per stage: `wall` is the stage's process from start to exit (the recipe runner's clock); the phases are the "
+            "run's own, never overlapping (pipeline/timing.py): `start` Python, imports, config composition and checks; `data` "
+            "loading, building and tokenising data (or reading the cache); `train steps` the optimisation steps (PPO: rollouts "
+            "and updates); `validation` the validation loops; `checkpoints` writing them; `fit` the rest of the training loop "
+            "(batches collated, metrics logged, W&B's start); `eval` answers generated and scored by the gold judge, KL "
+            "estimates; `finish` model.pt and the W&B artifact; `other` what no phase holds (loading models, building "
+            "modules); `after` W&B's closing sync and the exit, once metrics.json was written.",
+            "",
+            markdown_table(*times),
+            "",
+        ]
     if plots:
         parts += ["## Curves", ""]
         for title, file in plots:

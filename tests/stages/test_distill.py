@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from helpers import checkpoint_step, finished_run, kill_when, run_pipeline, start_pipeline, tiny_model
+from helpers import checkpoint_step, finished_run, kill_when, roots_sharing, run_pipeline, start_pipeline, tiny_model
 from pipeline.data.chat import prompt_ids
 from pipeline.data.corpus import embedded_task_dir, materialize
 from pipeline.distillation import TEACHER_ANSWERS, DistillCollator, DistillModule, teacher_answers
@@ -162,9 +162,7 @@ def test_a_student_starts_as_the_teacher_pruned_to_its_shape(world, tokenizer, t
     """student_init=teacher: a teacher whose block 1 and MLP channels 64-127 compute nothing, pruned to the student's shape
     (1 block, 64 channels: conf/model/student.yaml's mlp_ratio 2), is the teacher exactly: KL 0 and the same gold score."""
     source, _ = world
-    root = tmp_path / "outputs"
-    root.mkdir()
-    (root / "cache").symlink_to(source / "cache", target_is_directory=True)
+    root = roots_sharing(source, tmp_path, ("outputs",), ("cache",))["outputs"]
     model = tiny_model(seed=3, block_size=BLOCK)
     with torch.no_grad():
         model.blocks[1].attn.out_proj.weight.zero_()
@@ -192,12 +190,7 @@ STEPS, EVERY, KILL_AFTER = 40, 4, 8
 
 def test_distill_resumes_exactly_after_a_kill(world, tmp_path):
     source, _ = world
-    roots = {}
-    for name in ("whole", "killed"):
-        roots[name] = tmp_path / name
-        roots[name].mkdir()
-        for part in ("ppo", "cache"):
-            (roots[name] / part).symlink_to(source / part, target_is_directory=True)
+    roots = roots_sharing(source, tmp_path, ("whole", "killed"))
     # On-policy batches (their draws and samples), the cached teacher answers and the start figures all come back.
     args = ["stage=distill", *STUDENT, *FAST, "distill.lmbda=0.5", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={EVERY}", "optim.warmup_steps=5", "hydra.run.dir=RUN"]
     command = lambda root: [a.replace("RUN", str(root / "distill" / "run")) for a in args]  # noqa: E731

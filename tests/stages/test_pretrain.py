@@ -27,6 +27,10 @@ def test_pretrain_runs_and_writes_its_run_directory(corpus, outputs_root):
     # Twelve steps already beat a uniform guess over the vocabulary.
     assert metrics["val/loss"] < math.log(320)
     assert metrics["perf/tokens_per_s"] > 0 and metrics["baseline/unigram_xent"] > 0
+    # Where the time went (pipeline/timing.py): every phase that ran holds time, and none overlap.
+    phases = metrics["time/phases"]
+    assert all(phases[k] > 0 for k in ("start", "data", "train steps", "validation", "checkpoints", "finish")), phases
+    assert sum(v for k, v in phases.items() if k != "start") == pytest.approx(metrics["time/total_s"], abs=1.0)
     for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model.pt", "tokenizer/tokenizer.json"):
         assert (run_dir / name).is_file(), name
     tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import ARCHS, checkpoint_step, finished_run, kill_when, run_pipeline, start_pipeline, tiny_model
+from helpers import ARCHS, checkpoint_step, finished_run, kill_when, roots_sharing, run_pipeline, start_pipeline, tiny_model
 from pipeline import runs
 from pipeline.data.corpus import embedded_task_dir, materialize
 from pipeline.model import GPT
@@ -120,12 +120,7 @@ STEPS, EVERY, KILL_AFTER = 24, 4, 8
 
 def test_prune_resumes_after_a_kill_mid_recovery(world, tmp_path):
     source, _ = world
-    roots = {}
-    for name in ("whole", "killed"):
-        roots[name] = tmp_path / name
-        roots[name].mkdir()
-        for part in ("ppo", "cache"):
-            (roots[name] / part).symlink_to(source / part, target_is_directory=True)
+    roots = roots_sharing(source, tmp_path, ("whole", "killed"))
     args = ["stage=prune", *FAST, f"prune.recover.steps={STEPS}", f"trainer.val_check_interval={EVERY}", "optim.warmup_steps=5", "hydra.run.dir=RUN"]
     command = lambda root: [a.replace("RUN", str(root / "prune" / "run")) for a in args]  # noqa: E731
     whole = start_pipeline(command(roots["whole"]), roots["whole"])

@@ -148,3 +148,23 @@ def test_report_has_a_compression_section_only_with_compressed_runs(tmp_path, mo
     assert "| teacher (ppo/run) | 1115264 |" in section and "| quantize/q8 (int8) |" in section and "of_another" not in section
     assert "![Compression: gold score against speed](compression.png)" in section
     assert (root / "all" / "run" / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_table_sets_each_stages_phases_beside_its_process_wall_time(tmp_path):
+    from pipeline.tools.report import TIMING_FILE, time_table
+
+    (tmp_path / "all" / "run").mkdir(parents=True)
+    (tmp_path / "all" / "run" / TIMING_FILE).write_text(json.dumps({"stages": {"pretrain": 10.0, "sft": 6.0}}))
+    metrics = {
+        "pretrain": {"time/phases": {"start": 2.0, "data": 1.0, "train steps": 5.0, "other": 0.5}},
+        "sft": {"time/phases": {"start": 2.0, "train steps": 3.0, "eval": 0.5}},
+        "reward": {"val/loss": 0.1},  # an older run, without the breakdown: not in the table
+    }
+    columns, rows = time_table(tmp_path, "run", metrics)
+    assert columns[:4] == ["stage", "wall", "start", "data"] and columns[-2:] == ["other", "after"]
+    by = {row[0]: dict(zip(columns, row)) for row in rows}
+    assert set(by) == {"pretrain", "sft", "all"}
+    assert by["pretrain"]["wall"] == "10.0" and by["pretrain"]["train steps"] == "5.0" and by["pretrain"]["after"] == "1.5"  # 10 - 8.5
+    assert by["sft"]["data"] == "0.0" and by["sft"]["after"] == "0.5"
+    assert by["all"]["wall"] == "16.0" and by["all"]["train steps"] == "8.0" and by["all"]["after"] == "2.0"
+    assert time_table(tmp_path, "run", {"reward": {"val/loss": 0.1}}) is None
