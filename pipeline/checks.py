@@ -229,6 +229,8 @@ RULES: dict[str, tuple[Any, str]] = {
     "optim.betas": (Satisfies(_betas, "two numbers in [0, 1), e.g. [0.9,0.95]"), ""),
     "optim.warmup_steps": (SIZE, ""),
     "optim.min_lr_ratio": (PROBABILITY, "the final learning rate as a fraction of optim.lr"),
+    "optim.matrices": (OneOf(("adamw", "muon")), "the optimiser of the blocks' weight matrices"),
+    "optim.muon_momentum": (PROBABILITY, "Muon's momentum"),
     # trainer (Lightning's Trainer arguments)
     "trainer.max_steps": (STEPS, ""),
     "trainer.max_epochs": (Number(low=1, integer=True, special=(-1, None)), ""),

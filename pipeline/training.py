@@ -28,7 +28,7 @@ from pipeline import runs, timing
 from pipeline.data.samplers import GroupedSampler, ResumableSampler, ShuffledSampler
 from pipeline.errors import UserError
 from pipeline.files import read_json, write_json
-from pipeline.losses.lm import next_token_loss
+from pipeline.losses.lm import IGNORE, next_token_loss
 from pipeline.memory import MEMORY_FILE, MemoryFigures
 from pipeline.model import GPT, Block, GPTConfig, decay_param_groups, generate, pad_vocab
 from pipeline.model.gpt import set_activation_checkpointing
@@ -54,12 +54,78 @@ def schedule_steps(module: pl.LightningModule, max_steps: int) -> int:
     return max(1, int(module.trainer.estimated_stepping_batches))
 
 
+class OptimizerChain(torch.optim.Optimizer):
+    """Several optimisers over disjoint parameters, stepped as one: what Lightning's automatic optimisation and an
+    LR scheduler see. param_groups are the parts' own groups, read afresh at each access: load_state_dict gives
+    a part new group dicts, and a schedule must move the rates the parts use."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+        self.defaults = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        parts = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(self.optimizers):
+            raise ValueError(f"optimizer state: expected the states of {len(self.optimizers)} optimisers (optim.matrices changed since the checkpoint?)")
+        for optimizer, part in zip(self.optimizers, parts):
+            optimizer.load_state_dict(part)
+
+
+def muon_matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weight matrices Muon updates: every trainable 2-D weight inside the transformer blocks.
+
+    Embeddings, the (tied) output head, a scalar head and every 1-D gain stay with AdamW, as in Muon's
+    reference recipe: their update is not a matrix acting on hidden states.
+    """
+    return [p for name, p in module.named_parameters() if p.requires_grad and p.dim() == 2 and ".blocks." in f".{name}"]
+
+
 def adamw_with_schedule(module: torch.nn.Module, opt: DictConfig, max_steps: int) -> dict:
-    """AdamW (decay on matrices only; fused on GPU) with linear warmup then cosine decay to min_lr_ratio * lr."""
+    """AdamW (decay on matrices only; fused on GPU) with linear warmup then cosine decay to min_lr_ratio * lr.
+
+    opt.matrices=muon: the blocks' weight matrices take torch.optim.Muon instead (momentum opt.muon_momentum,
+    update RMS matched to AdamW's, so one lr serves both), the rest AdamW; the schedule moves both.
+    """
     fused = torch.cuda.is_available() and all(p.is_cuda for p in module.parameters())
-    optimizer = torch.optim.AdamW(
-        decay_param_groups(module, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), fused=fused or None
-    )
+    if opt.get("matrices", "adamw") == "muon":
+        matrices = muon_matrices(module)
+        chosen = {id(p) for p in matrices}
+        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
+        muon = torch.optim.Muon(matrices, lr=opt.lr, weight_decay=opt.weight_decay, momentum=float(opt.get("muon_momentum", 0.95)), adjust_lr_fn="match_rms_adamw")
+        adamw = torch.optim.AdamW(decay_param_groups(rest, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), fused=fused or None)
+        optimizer = OptimizerChain([muon, adamw]) if rest else muon
+    else:
+        optimizer = torch.optim.AdamW(
+            decay_param_groups(module, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), fused=fused or None
+        )
     warmup, floor = int(opt.warmup_steps), float(opt.min_lr_ratio)
 
     def factor(step: int) -> float:
@@ -669,9 +735,11 @@ class LanguageModelModule(pl.LightningModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]  # (B, T+1)
-        targets = batch.get("labels", ids)
-        logits = self.model(ids[:, :-1])  # (B, T, V)
-        return next_token_loss(logits, targets[:, 1:])
+        if "labels" not in batch:  # every token is a target
+            return next_token_loss(self.model(ids[:, :-1]), ids[:, 1:])  # (B, T, V) against (B, T)
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE  # the output head runs only where there is a loss (not on prompts, padding)
+        return next_token_loss(self.model(ids[:, :-1], keep=keep), targets[keep])  # (N, V) against (N,)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)

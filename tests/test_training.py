@@ -78,7 +78,7 @@ def lm_trainer(tmp_path, **kw):
     )
 
 
-def lm_module(max_steps: int):
+def lm_module(max_steps: int, **optim_options):
     import torch
 
     from pipeline.model import GPTConfig
@@ -86,7 +86,7 @@ def lm_module(max_steps: int):
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16).to_dict()
-    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 2, "min_lr_ratio": 0.1}
+    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 2, "min_lr_ratio": 0.1, **optim_options}
     return LanguageModelModule(config, optim, max_steps=max_steps)
 
 
@@ -123,3 +123,40 @@ def test_a_non_finite_gradient_stops_the_stage_before_it_spoils_the_last_checkpo
     assert saved["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
     assert all(torch.isfinite(p).all() for p in module.parameters())  # the optimiser never took the NaN step
+
+
+def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest():
+    from omegaconf import OmegaConf
+
+    from pipeline.training import OptimizerChain, adamw_with_schedule
+
+    module = lm_module(max_steps=4)
+    options = {**module.hparams.optim, "matrices": "muon"}
+    optimizer = adamw_with_schedule(module.model, OmegaConf.create(options), 4)["optimizer"]
+    assert isinstance(optimizer, OptimizerChain)
+    muon, adamw = optimizer.optimizers
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    muon_names = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    # One block: queries, keys/values, the attention's and the MLP's projections; never the (tied) embedding or a gain.
+    assert muon_names == sorted(f"blocks.0.{n}.weight" for n in ("attn.q_proj", "attn.kv_proj", "attn.out_proj", "mlp.up_proj", "mlp.down_proj"))
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert adamw_names == set(names.values()) - set(muon_names) and "wte.weight" in adamw_names
+    assert len(optimizer.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+
+
+def test_a_run_with_muon_resumes_from_its_checkpoint_exactly(tmp_path):
+    """The chain of Muon and AdamW saves both states in the checkpoint: 4 steps (one epoch of 4 batches), then 4
+    more from last.ckpt, end on the weights of 8 steps in one go; the schedule moves Muon's rate too."""
+    import torch
+
+    whole = lm_module(max_steps=8, matrices="muon")
+    lm_trainer(tmp_path / "whole", max_steps=8).fit(whole, lm_batches(8))
+    first = lm_module(max_steps=8, matrices="muon")
+    lm_trainer(tmp_path / "split", max_steps=4).fit(first, lm_batches(8))
+    second = lm_module(max_steps=8, matrices="muon")
+    trainer = lm_trainer(tmp_path / "split", max_steps=8)
+    trainer.fit(second, lm_batches(8), ckpt_path=str(tmp_path / "split" / "checkpoints" / "last.ckpt"), weights_only=True)
+    for (name, a), b in zip(whole.model.named_parameters(), second.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    muon_rate = trainer.optimizers[0].optimizers[0].param_groups[0]["lr"]
+    assert abs(muon_rate - 1e-3 * 0.1) < 1e-9  # the cosine's floor at step 8, as AdamW's

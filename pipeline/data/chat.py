@@ -15,6 +15,7 @@ import logging
 from pipeline.data.loading import DataFormat, source_row
 from pipeline.errors import UserError
 from pipeline.losses.lm import IGNORE
+from pipeline.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def encode_example(tokenizer, row: dict, fmt: DataFormat, loss_on: str) -> tuple
     return prompt + completion, labels, len(prompt)
 
 
+@timed("data")
 def tokenize_sft(ds, tokenizer, fmt, loss_on: str, max_len: int, source: str):
     """datasets.map over the rows (cached on disk for file-backed data); rows longer than the context are cut.
 
@@ -119,6 +121,7 @@ def _prompt_key(prompt_json: str) -> int:
     return int.from_bytes(hashlib.blake2b(prompt_json.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
+@timed("data")
 def encode_pairs(ds, tokenizer, fmt: DataFormat, max_len: int, source: str):
     """Tokenise chosen and rejected sequences; keep a margin and the gold ordering where the data has them."""
     has_margin = "margin" in ds.column_names

@@ -8,8 +8,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
+
+
+def row_lengths(ds, *columns: str) -> list[int]:
+    """Each row's longest sequence over `columns` (list columns of a datasets.Dataset), read from Arrow in one pass.
+
+    What the samplers group by; iterating the rows in Python instead costs seconds per 100k rows.
+    """
+    import pyarrow.compute as pc
+
+    table = ds.select_columns(list(columns)).with_format("arrow")[:]  # the rows in the dataset's order (its indices applied)
+    lengths = [pc.list_value_length(table[c]).fill_null(0).to_numpy(zero_copy_only=False) for c in columns]
+    return np.maximum.reduce(lengths).astype(np.int64).tolist()
+
+
+def column_values(ds, column: str) -> list:
+    """One column of a datasets.Dataset as a Python list, from Arrow in one pass (the group keys of GroupedSampler)."""
+    return ds.select_columns([column]).with_format("arrow")[:][column].to_pylist()
 
 
 class EpochSampler(torch.utils.data.Sampler, ABC):
@@ -75,7 +93,11 @@ class GroupedSampler(EpochSampler):
         for i, key in enumerate(groups if groups is not None else range(n)):
             members.setdefault(key, []).append(i)
         self.units = list(members.values())
-        self.widths = [max(lengths[i] for i in unit) for unit in self.units] if lengths is not None else [0] * len(self.units)
+        if lengths is not None:
+            longest = np.asarray(lengths)
+            self.widths = [int(longest[unit].max()) for unit in self.units] if len(self.units) < n else longest.tolist()
+        else:
+            self.widths = [0] * len(self.units)
         self.n, self.batch_size, self.seed, self.chunk, self.epoch = n, batch_size, seed, chunk, 0
 
     def order(self, epoch: int) -> list[int]:

@@ -372,8 +372,14 @@ class GPT(nn.Module):
         """Whether a forward here and now runs its blocks under activation checkpointing: switched on, recording gradients, no KV cache."""
         return self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
 
-    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx, attention_mask, kv_cache, packed))  # (B, T, V)
+    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with `keep` (B, T) bool, only those of the kept positions, (N, V) in row-major order.
+
+        SFT keeps the positions that carry a loss: the output head and the softmax, a quarter of a tiny
+        model's compute, then skip the prompt.
+        """
+        hidden = self.hidden_states(idx, attention_mask, kv_cache, packed)  # (B, T, C)
+        return self.lm_head(hidden if keep is None else hidden[keep])  # (B, T, V) or (N, V)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty cache in the dtype the keys and values are computed in: autocast's where it is on, else the weights'.

@@ -38,6 +38,7 @@ from pipeline.data import load_stage_data, validate_splits
 from pipeline.data.chat import encode_pairs, prompt_ids
 from pipeline.data.collators import PairCollator
 from pipeline.data.corpus import embedded_task
+from pipeline.data.samplers import column_values, row_lengths
 from pipeline.evaluate import gold_eval, gold_prompts, sampled_kl
 from pipeline.files import atomic_write_bytes, load_tensors, read_json, write_json
 from pipeline.losses.dpo import chosen_nll, dpo_loss
@@ -323,10 +324,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         pairs = {split: with_reference(pairs[split], *cached[split]) for split in pairs}
     lengths = None
     if cfg.data.get("group_by_length", False):
-        lengths = [max(len(c), len(r)) for c, r in zip(pairs["train"]["chosen_ids"], pairs["train"]["rejected_ids"])]
+        lengths = row_lengths(pairs["train"], "chosen_ids", "rejected_ids")
     datamodule = Batches(
         pairs["train"], pairs["validation"], cfg.data.batch_size, collate, cfg.data.num_workers,
-        lengths=lengths, groups=pairs["train"]["prompt_key"], seed=cfg.seed,  # a prompt's pairs share a batch: its prompt read once
+        lengths=lengths, groups=column_values(pairs["train"], "prompt_key"), seed=cfg.seed,  # a prompt's pairs share a batch: its prompt read once
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
 

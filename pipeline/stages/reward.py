@@ -29,6 +29,7 @@ from pipeline.data import datasets_cache, load_data, load_stage_data, validate_s
 from pipeline.data.chat import encode_ids, encode_pairs, prompt_text, render
 from pipeline.data.collators import PairCollator
 from pipeline.data.corpus import embedded_task
+from pipeline.data.samplers import column_values, row_lengths
 from pipeline.evaluate import complete
 from pipeline.files import atomic_write_bytes
 from pipeline.losses.pairwise import pairwise_loss
@@ -182,11 +183,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/accuracy", mode="max", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])
     lengths = None
     if cfg.data.get("group_by_length", False):
-        lengths = [max(len(c), len(r)) for c, r in zip(pairs["train"]["chosen_ids"], pairs["train"]["rejected_ids"])]
+        lengths = row_lengths(pairs["train"], "chosen_ids", "rejected_ids")
     collate = PairCollator(tokenizer.pad_token_id, share_prompts=cfg.data.get("share_prompts", False), max_row=max_len)
     datamodule = Batches(
         pairs["train"], pairs["validation"], cfg.data.batch_size, collate, cfg.data.num_workers,
-        lengths=lengths, groups=pairs["train"]["prompt_key"], seed=cfg.seed,  # a prompt's pairs share a batch: each answer scored once
+        lengths=lengths, groups=column_values(pairs["train"], "prompt_key"), seed=cfg.seed,  # a prompt's pairs share a batch: each answer scored once
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config), weights_only=True)
 

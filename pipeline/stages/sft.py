@@ -23,6 +23,7 @@ from pipeline.data.chat import tokenize_sft
 from pipeline.data.collators import PadCollator
 from pipeline.data.corpus import embedded_task
 from pipeline.data.packing import pack_rows
+from pipeline.data.samplers import row_lengths
 from pipeline.evaluate import gold_eval, gold_prompts
 from pipeline.files import read_json, write_json
 from pipeline.stages import STAGES
@@ -68,7 +69,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     throughput = Throughput(module.model.flops_per_token(max_len - 1))
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[throughput, ExactResume(), *peft_callbacks], parents=[start_path])
-    lengths = [len(ids) for ids in train["input_ids"]] if cfg.data.get("group_by_length", False) and not cfg.data.packing else None
+    lengths = row_lengths(train, "input_ids") if cfg.data.get("group_by_length", False) and not cfg.data.packing else None
     datamodule = Batches(train, val, cfg.data.batch_size, PadCollator(tokenizer.pad_token_id), cfg.data.num_workers, lengths=lengths, seed=cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir, module.hparams.model_config), weights_only=True)
 

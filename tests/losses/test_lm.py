@@ -50,3 +50,27 @@ def test_our_token_logprobs_and_entropy_equal_trls_helpers():
         theirs = selective_log_softmax(logits, tokens, temperature=temperature)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(entropy_from_logits(logits), trl_entropy(logits), rtol=0, atol=1e-6)
+
+
+def test_sft_loss_over_the_kept_positions_only_equals_the_loss_over_all_logits():
+    """LanguageModelModule runs the output head only where a label is not IGNORE (prompt and padding carry none):
+    the loss and every gradient are those of the full (B, T, V) logits with IGNORE targets."""
+    from pipeline.training import LanguageModelModule
+
+    config = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    module = LanguageModelModule(model_config=config, optim={}, max_steps=1, stage="sft")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (3, 13), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = IGNORE  # prompts
+    labels[2, 9:] = IGNORE  # padding
+    kept = module.loss({"input_ids": ids, "labels": labels})
+    kept.backward()
+    kept_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    full = next_token_loss(module.model(ids[:, :-1]), labels[:, 1:])
+    full.backward()
+    torch.testing.assert_close(kept, full)
+    for a, p in zip(kept_grads, module.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    assert module.model(ids[:, :-1], keep=labels[:, 1:] != IGNORE).shape == ((labels[:, 1:] != IGNORE).sum().item(), 64)
