@@ -372,6 +372,8 @@ VALUES = [
     ("pretrain", "optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
     ("pretrain", "optim.warmup_steps=-1", "optim.warmup_steps=-1: must be >= 0"),
     ("pretrain", "optim.min_lr_ratio=2", "optim.min_lr_ratio=2: must be in [0, 1]"),
+    ("pretrain", "optim.matrices=sgd", "optim.matrices=sgd: must be adamw or muon"),
+    ("pretrain", "optim.muon_momentum=1.5", "optim.muon_momentum=1.5: must be in [0, 1]"),
     ("pretrain", "samples.every_n_val=0", "samples.every_n_val=0: must be >= 1"),
     ("pretrain", "samples.num_prompts=-1", "samples.num_prompts=-1: must be >= 0"),
     ("pretrain", "samples.max_new_tokens=0", "samples.max_new_tokens=0: must be >= 1"),
