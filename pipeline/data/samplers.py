@@ -93,11 +93,10 @@ class GroupedSampler(EpochSampler):
         for i, key in enumerate(groups if groups is not None else range(n)):
             members.setdefault(key, []).append(i)
         self.units = list(members.values())
-        if lengths is not None:
-            longest = np.asarray(lengths)
-            self.widths = [int(longest[unit].max()) for unit in self.units] if len(self.units) < n else longest.tolist()
-        else:
-            self.widths = [0] * len(self.units)
+        self.widths = [0] * len(self.units)
+        if lengths is not None and self.units:  # each unit's longest row, in one pass over the rows laid out unit after unit
+            starts = np.cumsum([0] + [len(unit) for unit in self.units[:-1]])
+            self.widths = np.maximum.reduceat(np.asarray(lengths)[np.concatenate(self.units)], starts).tolist()
         self.n, self.batch_size, self.seed, self.chunk, self.epoch = n, batch_size, seed, chunk, 0
 
     def order(self, epoch: int) -> list[int]:

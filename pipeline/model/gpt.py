@@ -372,11 +372,12 @@ class GPT(nn.Module):
         """Whether a forward here and now runs its blocks under activation checkpointing: switched on, recording gradients, no KV cache."""
         return self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
 
-    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V); with `keep` (B, T) bool, only those of the kept positions, (N, V) in row-major order.
+    def forward(self, idx, attention_mask=None, kv_cache=None, packed=None, keep=None) -> torch.Tensor:
+        """Logits (B, T, V); with `keep`, an index into the (B, T) positions, only those of the kept ones.
 
-        SFT keeps the positions that carry a loss: the output head and the softmax, a quarter of a tiny
-        model's compute, then skip the prompt.
+        keep is a (B, T) bool mask (SFT: the positions that carry a loss; logits (N, V) in row-major order) or a
+        pair of slices (PPO: the columns that predict the response; (B, N, V), no host sync on a GPU). The output
+        head and the softmax, a quarter of a tiny model's compute, then skip the prompt.
         """
         hidden = self.hidden_states(idx, attention_mask, kv_cache, packed)  # (B, T, C)
         return self.lm_head(hidden if keep is None else hidden[keep])  # (B, T, V) or (N, V)

@@ -133,10 +133,8 @@ class PPOModule(OnlineRLModule):
 
     def forward_policy(self, model: GPT, sequences, attention, prompt_len: int, response) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs (under the sampling temperature) of the response tokens, and the logits that gave them."""
-        B, T = sequences.shape
-        keep = torch.zeros(B, T, dtype=torch.bool, device=sequences.device)
-        keep[:, prompt_len - 1 : -1] = True  # the output head runs on the positions that predict the response only
-        logits = model(sequences, attention_mask=attention, keep=keep).view(B, T - prompt_len, -1)  # (B, N, V)
+        # The output head runs only on the positions that predict the response.
+        logits = model(sequences, attention_mask=attention, keep=(slice(None), slice(prompt_len - 1, -1)))  # (B, N, V)
         return token_logprobs(logits, response, self.cfg.temperature), logits
 
     @torch.no_grad()
