@@ -508,6 +508,19 @@ class FiniteGuard(Callback):
             )
 
 
+class ValidateLastStep(Callback):
+    """Validate the final step too, when trainer.val_check_interval does not divide trainer.max_steps.
+
+    Without it the steps after the last scheduled validation are never measured, and the best
+    checkpoint (what load_best gives the stage's final figures and model.pt) ignores them. Asking the
+    loop to stop at the last step makes Lightning run its validation there (its early-stopping path).
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps and trainer.limit_val_batches:
+            trainer.should_stop = True
+
+
 def is_global_zero() -> bool:
     """Rank 0 before a Trainer exists (DDP child processes carry their rank in the environment)."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -547,7 +560,7 @@ def build_trainer(
     )
     # Every stage run writes run_dir/memory.json: parameter, gradient and optimiser bytes, peak memory, step time.
     # PhaseTimer: where the fit's time goes (pipeline/timing.py), into metrics.json's time/phases.
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), MemoryFigures(run_dir / MEMORY_FILE), PhaseTimer(), *callbacks]
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), FiniteGuard(cfg.stage), MemoryFigures(run_dir / MEMORY_FILE), PhaseTimer(), ValidateLastStep(), *callbacks]
     logger = make_logger(cfg, run_dir, parents)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)

@@ -97,6 +97,27 @@ def test_unknown_role_is_refused_by_the_template(tok):
         tok.apply_chat_template([{"role": "wizard", "content": "hi"}], tokenize=False)
 
 
+def test_render_writes_our_template_to_the_same_characters_as_jinja(tok):
+    from pipeline.data.chat import render
+
+    conversations = [
+        [USER_MSG],
+        [SYSTEM_MSG, USER_MSG, ASSISTANT_MSG],
+        [USER_MSG, ASSISTANT_MSG, {"role": "user", "content": "{{ not a template }} {% raw %}"}, {"role": "assistant", "content": AWKWARD_TEXTS[2]}],
+        [{"role": "user", "content": ""}],
+    ]
+    for messages in conversations:
+        for gen in (False, True):
+            assert render(tok, messages, add_generation_prompt=gen) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    with pytest.raises(Exception, match="unknown chat role wizard"):  # the template's own error, as before
+        render(tok, [USER_MSG, {"role": "wizard", "content": "hi"}])
+    with pytest.raises(ValueError, match="empty conversation"):  # transformers' own refusal
+        render(tok, [])
+    other = train_tokenizer(TEXTS, 400)
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"  # a user's template goes through Jinja
+    assert render(other, [USER_MSG]) == "[user]Reverse the list: a, b"
+
+
 def test_trl_apply_chat_template_splits_prompt_from_completion(tok):
     from trl.data_utils import apply_chat_template, extract_prompt
 

@@ -160,3 +160,34 @@ def test_a_run_with_muon_resumes_from_its_checkpoint_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     muon_rate = trainer.optimizers[0].optimizers[0].param_groups[0]["lr"]
     assert abs(muon_rate - 1e-3 * 0.1) < 1e-9  # the cosine's floor at step 8, as AdamW's
+
+
+def test_the_last_step_is_validated_when_the_interval_does_not_divide_max_steps(tmp_path):
+    """7 steps, validation every 3: Lightning alone validates at steps 3 and 6; the model of step 7 must be measured
+    too, or the best checkpoint (the stage's final figures and model.pt) never sees the last steps' training."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from pipeline.training import ValidateLastStep
+
+    class Steps(Callback):
+        def __init__(self):
+            self.validated = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.validated.append(trainer.global_step)
+
+    def fit(*extra, max_steps=7):
+        steps = Steps()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / f"c{len(extra)}-{max_steps}", monitor="val/loss", save_top_k=1, filename="best")
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=max_steps,
+            val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[checkpoint, steps, *extra],
+        )
+        trainer.fit(lm_module(max_steps=max_steps), lm_batches(40), lm_batches(4))
+        return steps.validated, trainer.global_step
+
+    assert fit() == ([3, 6], 7)  # what Lightning does by itself
+    assert fit(ValidateLastStep()) == ([3, 6, 7], 7)
+    assert fit(ValidateLastStep(), max_steps=6) == ([3, 6], 6)  # a last step that is a validation step: validated once

@@ -141,7 +141,8 @@ def time_table(root: Path, name: str, metrics: dict[str, dict]) -> tuple[list[st
     if not timed:
         return None
     file = root / PIPELINE_DIR / name / TIMING_FILE
-    wall = read_json(file).get("stages", {}) if file.is_file() else {}
+    recipe = read_json(file) if file.is_file() else {}
+    wall = recipe.get("stages", {})
     names = [*PHASES, *sorted({k for p in timed.values() for k in p} - set(PHASES))]
     columns = ["stage", "wall", *names, "after"]
     rows, totals = [], [0.0] * (len(names) + 2)
@@ -150,6 +151,9 @@ def time_table(root: Path, name: str, metrics: dict[str, dict]) -> tuple[list[st
         values.append(values[0] - sum(phases.values()) if values[0] is not None else None)
         rows.append([stage, *(fmt(v, 1) for v in values)])
         totals = [t + (v or 0.0) for t, v in zip(totals, values)]
+    if recipe.get("imports"):  # the recipe's process imported the stages' libraries once, before forking them
+        rows.append(["(imports, once)", fmt(recipe["imports"], 1), *("" for _ in names), ""])
+        totals[0] += recipe["imports"]
     if len(rows) > 1:
         rows.append(["all", *(fmt(t, 1) if i or wall else "-" for i, t in enumerate(totals))])
     return columns, rows

@@ -168,3 +168,7 @@ def test_time_table_sets_each_stages_phases_beside_its_process_wall_time(tmp_pat
     assert by["sft"]["data"] == "0.0" and by["sft"]["after"] == "0.5"
     assert by["all"]["wall"] == "16.0" and by["all"]["train steps"] == "8.0" and by["all"]["after"] == "2.0"
     assert time_table(tmp_path, "run", {"reward": {"val/loss": 0.1}}) is None
+    # Forked stages: the recipe's process paid the imports once; they are a row of their own and part of the total.
+    (tmp_path / "all" / "run" / TIMING_FILE).write_text(json.dumps({"stages": {"pretrain": 10.0, "sft": 6.0}, "imports": 4.0}))
+    by = {row[0]: dict(zip(columns, row)) for row in time_table(tmp_path, "run", metrics)[1]}
+    assert by["(imports, once)"]["wall"] == "4.0" and by["all"]["wall"] == "20.0" and by["all"]["train steps"] == "8.0"
