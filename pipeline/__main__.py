@@ -107,6 +107,9 @@ def run_forked(args: list[str], env: dict) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the stage's process
+        from pipeline import timing
+
+        timing.PROCESS_STARTED = time.time()  # its start-up is counted from here
         code = 1
         try:
             import atexit

@@ -53,12 +53,16 @@ class Clock:
 
 
 CLOCK = Clock()
+# When this process began as a stage process, where the recipe forked it (pipeline/__main__.py): the fork knows
+# the moment exactly, while psutil's creation time (boot time plus clock ticks) can be off by tenths of a second.
+# None: the process's creation time.
+PROCESS_STARTED: float | None = None
 
 
 def mark_run_start() -> None:
     """The stage begins (run_stage): the time since the process was created is its start-up (imports, composition, checks)."""
     CLOCK.run_started = time.time()
-    CLOCK.start_s = CLOCK.run_started - psutil.Process().create_time()
+    CLOCK.start_s = CLOCK.run_started - (PROCESS_STARTED if PROCESS_STARTED is not None else psutil.Process().create_time())
 
 
 @contextmanager
