@@ -103,20 +103,22 @@ def muon_matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The weight matrices Muon updates: every trainable 2-D weight inside the transformer blocks.
 
     Embeddings, the (tied) output head, a scalar head and every 1-D gain stay with AdamW, as in Muon's
-    reference recipe: their update is not a matrix acting on hidden states.
+    reference recipe: their update is not a matrix acting on hidden states. LoRA's adapter factors stay
+    with AdamW too (peft=lora / qlora): each is a thin low-rank half of an update, not a weight matrix.
     """
-    return [p for name, p in module.named_parameters() if p.requires_grad and p.dim() == 2 and ".blocks." in f".{name}"]
+    return [p for name, p in module.named_parameters() if p.requires_grad and p.dim() == 2 and ".blocks." in f".{name}" and "lora_" not in name]
 
 
 def adamw_with_schedule(module: torch.nn.Module, opt: DictConfig, max_steps: int) -> dict:
     """AdamW (decay on matrices only; fused on GPU) with linear warmup then cosine decay to min_lr_ratio * lr.
 
     opt.matrices=muon: the blocks' weight matrices take torch.optim.Muon instead (momentum opt.muon_momentum,
-    update RMS matched to AdamW's, so one lr serves both), the rest AdamW; the schedule moves both.
+    update RMS matched to AdamW's, so one lr serves both), the rest AdamW; the schedule moves both. With
+    nothing for Muon to take (LoRA trains adapters only), it is AdamW alone.
     """
     fused = torch.cuda.is_available() and all(p.is_cuda for p in module.parameters())
-    if opt.get("matrices", "adamw") == "muon":
-        matrices = muon_matrices(module)
+    matrices = muon_matrices(module) if opt.get("matrices", "adamw") == "muon" else []
+    if matrices:
         chosen = {id(p) for p in matrices}
         rest = [p for p in module.parameters() if p.requires_grad and id(p) not in chosen]
         muon = torch.optim.Muon(matrices, lr=opt.lr, weight_decay=opt.weight_decay, momentum=float(opt.get("muon_momentum", 0.95)), adjust_lr_fn="match_rms_adamw")

@@ -191,3 +191,20 @@ def test_the_last_step_is_validated_when_the_interval_does_not_divide_max_steps(
     assert fit() == ([3, 6], 7)  # what Lightning does by itself
     assert fit(ValidateLastStep()) == ([3, 6, 7], 7)
     assert fit(ValidateLastStep(), max_steps=6) == ([3, 6], 6)  # a last step that is a validation step: validated once
+
+
+def test_with_lora_muon_leaves_the_adapters_to_adamw():
+    """peft=lora trains the adapters alone: their low-rank factors are no weight matrices for Muon, so optim.matrices=muon is AdamW."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.model.lora import LoraSettings, apply_lora
+    from pipeline.training import adamw_with_schedule, muon_matrices
+
+    module = lm_module(max_steps=4)
+    model = apply_lora(module.model, LoraSettings(r=2, alpha=4))
+    assert muon_matrices(model) == []
+    optimizer = adamw_with_schedule(model, OmegaConf.create({**module.hparams.optim, "matrices": "muon"}), 4)["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad} and trained
