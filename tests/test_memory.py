@@ -88,7 +88,7 @@ def test_a_4bit_weight_counts_its_packed_data_and_its_quantisation_state():
 
 def test_a_pretraining_fit_through_build_trainer_writes_consistent_figures(tmp_path):
     with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["stage=pretrain", "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"])
+        cfg = compose("config", overrides=["stage=pretrain", "optim.matrices=adamw", "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"])
     pl.seed_everything(0, verbose=False)
     module = LanguageModelModule(GPTConfig(**CONFIG).to_dict(), OmegaConf.to_container(cfg.optim), max_steps=4)
     blocks = [{"input_ids": row} for row in torch.randint(0, 96, (16, 17), generator=torch.Generator().manual_seed(0))]

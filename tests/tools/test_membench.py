@@ -27,7 +27,7 @@ def test_membench_runs_each_row_as_its_own_stage_and_reports_a_failed_row(output
     # peft.r=0 reaches the LoRA row only (the others have no peft.r): that row fails, the bench goes on.
     result = membench.main(
         [*TINY, f"tokenizer.path={tmp_path / 'tokenizer'}", f"membench.data={data}", "membench.models=tiny", "membench.rows=ppo-full,sft-full,sft-lora"]
-        + ["membench.checkpointing=false", "membench.steps=2", "membench.batch_size=4", "membench.new_tokens=4", "peft.r=0"]
+        + ["membench.checkpointing=false", "membench.steps=2", "membench.batch_size=4", "membench.new_tokens=4", "peft.r=0", "optim.matrices=adamw"]
     )
     rows = {r["row"]: r for r in result["rows"]}
     assert [r["row"] for r in result["rows"]] == ["sft-full", "sft-lora", "ppo-full"]  # the table's order
