@@ -79,8 +79,8 @@ def overrides_for(stage: str, overrides: list[str]) -> list[str]:
 def can_fork() -> bool:
     """Stage processes are forked from the recipe's (which has imported what they need) where that is safe.
 
-    Forking needs a POSIX system and a parent that has not started CUDA or torch's thread pool (the
-    recipe process computes nothing, so it has not); PIPELINE_SPAWN=1 asks for fresh interpreters anyway.
+    Forking needs Linux and a parent that has not initialised CUDA (checked here) nor run torch's thread
+    pool (the recipe's process computes nothing); PIPELINE_SPAWN=1 asks for fresh interpreters anyway.
     """
     if not hasattr(os, "fork") or sys.platform != "linux" or os.environ.get("PIPELINE_SPAWN") == "1":
         return False

@@ -519,7 +519,7 @@ class ValidateLastStep(Callback):
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps and trainer.limit_val_batches:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.limit_val_batches:
             trainer.should_stop = True
 
 

@@ -16,7 +16,7 @@ from pipeline.data.loading import DataFormat, source_row
 from pipeline.errors import UserError
 from pipeline.losses.lm import IGNORE
 from pipeline.timing import timed
-from pipeline.tokenizer import CHAT_TEMPLATE, ROLES
+from pipeline.tokenizer import ASSISTANT, CHAT_TEMPLATE, ROLE_TOKENS, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,14 @@ def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     """
     messages = list(messages)
     if messages and tokenizer.chat_template == CHAT_TEMPLATE and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        role_tokens = dict(zip(ROLES, ROLE_TOKENS))
         parts = [tokenizer.bos_token]
         for m in messages:
-            if m.get("role") not in ROLES:
+            if m.get("role") not in role_tokens:
                 break  # the template raises its own error, naming the role
-            parts += ("<|", m["role"], "|>", m["content"], tokenizer.eos_token)
+            parts += (role_tokens[m["role"]], m["content"], tokenizer.eos_token)
         else:
-            return "".join(parts) + ("<|assistant|>" if add_generation_prompt else "")
+            return "".join(parts) + (ASSISTANT if add_generation_prompt else "")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
